@@ -1,0 +1,130 @@
+"""The Qwen2 decoder stack shared by the Thinker and the Talker: pre-RMSNorm blocks with GQA attention
+(q/k/v bias, no o_proj bias), SwiGLU, M-RoPE, a final norm, and a KV cache.
+
+Paper: Qwen2.5-Omni section 2.1 (both are Transformer decoders). Reference 1.1 / 1.4.
+
+Shapes: x (B, T, d_model); positions (3, B, T); q (B, n_head, T, head_dim); k, v (B, n_kv_head, T, head_dim).
+Module names follow the checkpoint (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `norm`), so
+the loader's key map stays short. `embed_tokens` lives here for the key layout, but the forward takes
+embeddings: the Thinker scatters media features into them and the Talker adds its two tracks first.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .attention import attention, causal_mask
+from .layers import RMSNorm, SwiGLU, apply_rotary, rope_inv_freq
+from .tmrope import mrope_cos_sin
+
+
+class KVCache:
+    """Keys and values of every layer, in buffers that grow by doubling (inference only).
+
+    Also remembers which cached slots are real tokens (`key_valid`) and the M-RoPE state of each row:
+    `n_seen` real tokens so far and the rope `deltas`, so the next position is n_seen + delta.
+    """
+
+    def __init__(self, n_layer: int):
+        self.k: list[torch.Tensor | None] = [None] * n_layer
+        self.v: list[torch.Tensor | None] = [None] * n_layer
+        self.length = 0
+        self.key_valid: torch.Tensor | None = None   # (B, length) bool
+        self.n_seen: torch.Tensor | None = None      # (B,) long
+        self.deltas: torch.Tensor | None = None      # (B, 1) long
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, Hkv, t, D) after the cached ones; return all keys and values so far."""
+        B, Hkv, t, D = k.shape
+        end = self.length + t
+        buf = self.k[layer]
+        if buf is None or buf.shape[2] < end:
+            cap = max(end, 2 * (buf.shape[2] if buf is not None else 16))
+            for store in (self.k, self.v):
+                new = k.new_empty(B, Hkv, cap, D)
+                if store[layer] is not None:
+                    new[:, :, : self.length] = store[layer][:, :, : self.length]
+                store[layer] = new
+        self.k[layer][:, :, self.length: end] = k
+        self.v[layer][:, :, self.length: end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def advance(self, key_valid: torch.Tensor) -> None:
+        """Called once per forward, after every layer wrote: t new slots with validity (B, t)."""
+        self.key_valid = key_valid if self.key_valid is None else torch.cat([self.key_valid, key_valid], 1)
+        self.length = self.key_valid.shape[1]
+        n = key_valid.sum(1)
+        self.n_seen = n if self.n_seen is None else self.n_seen + n
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=True)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=True)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+
+    def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)       # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)                                            # (B, Hkv, past+T, D)
+        y = attention(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                         # (B, T, d_model)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.mlp = SwiGLU(cfg.d_model, cfg.d_ff)
+
+    def forward(self, x, cos, sin, mask, layer, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, layer, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """cfg: a ThinkerConfig or TalkerConfig (vocab_size, embed_dim, d_model, n_layer, n_head, n_kv_head,
+    head_dim, d_ff, rms_eps, rope_theta, mrope_section, max_seq_len)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
+        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, d_model) -> final-normed hidden states (B, T, d_model).
+
+        positions (3, B, T) M-RoPE ids; key_valid (B, T) bool, False at padding (None: all real).
+        With a cache, x holds the new tokens only and attends to everything cached before them.
+        """
+        B, T, _ = x.shape
+        past = cache.length if cache is not None else 0
+        if past + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {past + T} exceeds the configured maximum max_seq_len "
+                             f"({self.cfg.max_seq_len})")
+        # rotary angles are computed before this cast back to the input dtype
+        cos, sin = mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section)      # (B, T, head_dim)
+        valid_new = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+        valid_all = valid_new if past == 0 else torch.cat([cache.key_valid, valid_new], 1)  # (B, past+T)
+        mask = None
+        if not bool(valid_all.all()) or (past > 0 and T > 1):
+            # explicit (B, 1, T, past+T) mask: causal and no padding keys; else the kernel's own causal path
+            mask = causal_mask(T, past + T, x.device)[None, None] & valid_all[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, i, cache)
+        if cache is not None:
+            cache.advance(valid_new)
+        return self.norm(x)

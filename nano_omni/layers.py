@@ -1,0 +1,93 @@
+"""Small shared layers: RMSNorm, the SwiGLU MLP, rotary helpers, and a few input checks.
+
+Shapes: x (B, T, d_model); rotary cos/sin (B, T, head_dim) broadcast over heads.
+Norms and rotary angles are computed in fp32 (STYLE.md), then cast back to the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), with the statistic in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class SwiGLU(nn.Module):
+    """down(silu(gate(x)) * up(x)): the MLP of the Qwen2 decoder, the ViT (with bias) and the talker."""
+
+    def __init__(self, d_model: int, d_ff: int, bias: bool = False):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rotary position embedding.
+# ----------------------------------------------------------------------------------------------------------------
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """inv_freq[k] = theta^(-2k / head_dim), k = 0 .. head_dim/2 - 1 (fp32)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Half-split pairing: (x1, x2) -> (-x2, x1), pairs are (i, i + D/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, D); cos, sin (B, T, D) or (T, D). Rotates each (i, i + D/2) pair by its angle."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.ndim == 3:
+        cos, sin = cos[:, None], sin[:, None]                          # (B, 1, T, D)
+    return x * cos + rotate_half(x) * sin
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Boundary checks shared by the model entry points.
+# ----------------------------------------------------------------------------------------------------------------
+def check_ids(name: str, ids, vocab_size: int, ndim: int = 2) -> None:
+    """Token ids must be an integer tensor of rank `ndim` with every value in [0, vocab_size)."""
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.LongTensor, got {type(ids).__name__}")
+    if ids.dtype not in (torch.long, torch.int32, torch.int64, torch.int16, torch.uint8):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}")
+    if ids.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(ids.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+        raise ValueError(f"{name} holds id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def check_tensor(name: str, x, ndim: int | tuple[int, ...], last: int | None = None, floating: bool = True) -> None:
+    """A float tensor of the given rank (and last-dimension size)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    ndims = (ndim,) if isinstance(ndim, int) else ndim
+    if x.ndim not in ndims:
+        raise ValueError(f"{name} must have {' or '.join(map(str, ndims))} dimensions, got shape {tuple(x.shape)}")
+    if floating and not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    if last is not None and x.shape[-1] != last:
+        raise ValueError(f"{name} must have last dimension {last}, got shape {tuple(x.shape)}")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or infinite values")

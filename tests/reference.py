@@ -1,0 +1,86 @@
+"""Helpers shared by the tests: tiny transformers reference models built from a nano_omni config, and random
+prompt layouts. transformers is imported here and only here (it is the oracle, never a dependency)."""
+from __future__ import annotations
+
+import random
+
+import torch
+
+from nano_omni.config import OmniConfig
+from nano_omni.tmrope import audio_token_count, audio_in_video_layout
+
+
+def hf_thinker_config(cfg: OmniConfig, audio_layers: int = 1, vision_layers: int = 1):
+    from transformers import Qwen2_5OmniThinkerConfig
+
+    th, au, vi, tk = cfg.thinker, cfg.audio, cfg.vision, cfg.tokens
+    c = Qwen2_5OmniThinkerConfig(
+        text_config=dict(vocab_size=th.vocab_size, hidden_size=th.d_model, intermediate_size=th.d_ff,
+                         num_hidden_layers=th.n_layer, num_attention_heads=th.n_head, num_key_value_heads=th.n_kv_head,
+                         rope_parameters=dict(rope_type="default", rope_theta=th.rope_theta,
+                                              mrope_section=list(th.mrope_section)),
+                         rms_norm_eps=th.rms_eps, max_position_embeddings=th.max_seq_len),
+        audio_config=dict(num_mel_bins=au.n_mels, d_model=au.d_model, encoder_layers=au.n_layer,
+                          encoder_attention_heads=au.n_head, encoder_ffn_dim=au.d_ff, n_window=au.n_window,
+                          max_source_positions=au.max_source_positions, output_dim=au.output_dim),
+        vision_config=dict(hidden_size=vi.d_model, depth=vi.n_layer, num_heads=vi.n_head, intermediate_size=vi.d_ff,
+                           patch_size=vi.patch_size, temporal_patch_size=vi.temporal_patch_size,
+                           spatial_merge_size=vi.spatial_merge_size, window_size=vi.window_size,
+                           fullatt_block_indexes=list(vi.fullatt_block_indexes), out_hidden_size=vi.out_dim),
+        audio_token_index=tk.audio_pad, image_token_index=tk.image_pad, video_token_index=tk.video_pad,
+        audio_start_token_id=tk.audio_bos, audio_end_token_id=tk.audio_eos,
+        position_id_per_seconds=cfg.position_id_per_seconds, seconds_per_chunk=cfg.seconds_per_chunk)
+    c.vision_start_token_id = tk.vision_bos
+    c.vision_end_token_id = tk.vision_eos
+    c._attn_implementation = "eager"
+    for sub in (c.text_config, c.audio_config, c.vision_config):
+        sub._attn_implementation = "eager"
+    return c
+
+
+def hf_thinker(cfg: OmniConfig, seed: int = 0):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return Qwen2_5OmniThinkerForConditionalGeneration(hf_thinker_config(cfg)).eval()
+
+
+def random_layout(rng: random.Random, cfg: OmniConfig, *, use_audio_in_video: bool, allow_vision: bool = True):
+    """One prompt row with random text spans and media items. Returns (ids, images, videos, spgs, audios) where
+    images/videos are grids (t, h, w) in patches, spgs the seconds per grid of each video and audios the mel
+    lengths of each audio (in-video audio included, in order)."""
+    tk, m = cfg.tokens, cfg.vision.spatial_merge_size
+    ids, images, videos, spgs, audios = [], [], [], [], []
+
+    def text(k):
+        ids.extend(rng.randrange(0, 256) for _ in range(k))
+
+    for _ in range(rng.randint(0, 4)):
+        text(rng.randint(0, 4))
+        kind = rng.choice(["audio", "image", "video"] if allow_vision else ["audio"])
+        if kind == "audio":
+            L = rng.randint(3, 700)
+            audios.append(L)
+            ids += [tk.audio_bos] + [tk.audio_pad] * audio_token_count(L) + [tk.audio_eos]
+        elif kind == "image":
+            g = (1, m * rng.randint(1, 4), m * rng.randint(1, 4))
+            images.append(g)
+            ids += [tk.vision_bos] + [tk.image_pad] * (g[1] * g[2] // m ** 2) + [tk.vision_eos]
+        else:
+            g = (rng.randint(1, 5), m * rng.randint(1, 3), m * rng.randint(1, 3))
+            spg = rng.choice([0.4, 0.5, 1.0, 1.5, 2.0, 3.0])
+            videos.append(g)
+            spgs.append(spg)
+            n_video = g[0] * g[1] * g[2] // m ** 2
+            if use_audio_in_video:
+                L = rng.randint(3, 900)
+                audios.append(L)
+                ids += [tk.vision_bos, tk.audio_bos]
+                for kind2, n in audio_in_video_layout(g, spg, audio_token_count(L), m,
+                                                      cfg.position_id_per_seconds, cfg.seconds_per_chunk):
+                    ids += [tk.video_pad if kind2 == "video" else tk.audio_pad] * n
+                ids += [tk.audio_eos, tk.vision_eos]
+            else:
+                ids += [tk.vision_bos] + [tk.video_pad] * n_video + [tk.vision_eos]
+    text(rng.randint(1, 5))
+    return ids, images, videos, spgs, audios
