@@ -223,10 +223,6 @@ class TalkerConfig:
             v = getattr(self, n)
             _check(0 <= v < self.vocab_size, f"TalkerConfig.{n} ({v}) must lie inside vocab_size ({self.vocab_size})")
 
-    @property
-    def n_codes(self) -> int:  # real codec entries are 0 .. n_codes-1; the special ids start at codec_pad
-        return min(self.codec_pad, self.codec_bos, self.codec_eos, self.codec_mask)
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Token2Wav: flow-matching DiT with an ECAPA-TDNN speaker encoder (reference 1.5), and BigVGAN (reference 1.6).
@@ -338,8 +334,6 @@ class OmniConfig:
                f"vision.out_dim ({self.vision.out_dim}) must equal thinker.d_model ({t.d_model})")
         _check(self.talker.embed_dim == t.d_model,
                f"talker.embed_dim ({self.talker.embed_dim}) must equal thinker.d_model ({t.d_model})")
-        _check(self.dit.num_embeds >= self.talker.n_codes,
-               f"dit.num_embeds ({self.dit.num_embeds}) must cover the talker's {self.talker.n_codes} codes")
         _check(self.vocoder.mel_dim == self.dit.mel_dim,
                f"vocoder.mel_dim ({self.vocoder.mel_dim}) must equal dit.mel_dim ({self.dit.mel_dim})")
 
