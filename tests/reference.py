@@ -84,3 +84,12 @@ def random_layout(rng: random.Random, cfg: OmniConfig, *, use_audio_in_video: bo
                 ids += [tk.vision_bos] + [tk.video_pad] * n_video + [tk.vision_eos]
     text(rng.randint(1, 5))
     return ids, images, videos, spgs, audios
+
+
+def hf_audio_encoder(cfg: OmniConfig, seed: int = 0):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniAudioEncoder
+
+    c = hf_thinker_config(cfg).audio_config
+    c._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    return Qwen2_5OmniAudioEncoder(c).eval()
