@@ -33,6 +33,9 @@ class SamplingConfig:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
         if not (self.repetition_penalty > 0):
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not self.do_sample and (self.temperature != 1.0 or self.top_k or self.top_p != 1.0):
+            raise ValueError("temperature, top_k and top_p only act when sampling: pass do_sample=True "
+                             "(greedy decoding ignores them)")
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
 

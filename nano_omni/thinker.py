@@ -24,7 +24,7 @@ from .config import OmniConfig
 from .decoder import Decoder, KVCache
 from .layers import check_ids, check_tensor
 from .sampling import SamplingConfig, make_generator, sample_next
-from .tmrope import decode_positions, get_rope_index
+from .tmrope import decode_positions, text_positions
 
 
 @dataclass
@@ -88,7 +88,8 @@ class Thinker(nn.Module):
         """input_ids (B, T) or inputs_embeds (B, T, d); attention_mask (B, T) 1 = real, 0 = padding.
 
         positions (3, B, T): the TMRoPE ids (tmrope.get_rope_index). When omitted they are the text positions,
-        or, with a cache that has seen a prompt, the positions that follow it.
+        or, with a cache that has seen a prompt, the positions that follow it. Media prompts need their
+        TMRoPE ids from tmrope.get_rope_index (the processor provides them).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -108,8 +109,7 @@ class Thinker(nn.Module):
         if cache is not None and cache.deltas is not None:
             pos = decode_positions(cache.deltas, cache.n_seen, T)
             return pos + (key_valid.long().cumsum(1) - key_valid.long() - torch.arange(T, device=pos.device))
-        ids = input_ids if input_ids is not None else torch.zeros(B, T, dtype=torch.long)
-        pos, deltas = get_rope_index(ids, self.cfg.tokens, attention_mask=key_valid.long())
+        pos, deltas = text_positions(key_valid)
         if cache is not None:
             cache.deltas = deltas
         return pos.to(key_valid.device)
@@ -130,7 +130,7 @@ class Thinker(nn.Module):
         B, T = input_ids.shape
         key_valid = _mask_to_bool(attention_mask, B, T, input_ids.device)
         if positions is None:
-            positions, deltas = get_rope_index(input_ids, self.cfg.tokens, attention_mask=key_valid.long())
+            positions, deltas = text_positions(key_valid)
         elif deltas is None:
             raise ValueError("pass the rope deltas together with the positions (both come from get_rope_index)")
         embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds

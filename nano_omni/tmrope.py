@@ -39,11 +39,19 @@ def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, section: list
     True
     """
     freqs = positions[..., None].float() * inv_freq.float().to(positions.device)     # (3, B, T, D/2)
-    axis = torch.repeat_interleave(torch.arange(3, device=positions.device),
-                                   torch.tensor(section, device=positions.device))   # (D/2,) axis per frequency
+    axis = mrope_axis(section).to(positions.device)                                  # (D/2,) axis per frequency
     f = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # (B, T, D/2)
     emb = torch.cat((f, f), dim=-1)                                                  # (B, T, D)
     return emb.cos(), emb.sin()
+
+
+def mrope_axis(section: list[int]) -> torch.Tensor:
+    """Which axis (0 = t, 1 = h, 2 = w) drives each rotary frequency slot.
+
+    >>> mrope_axis([2, 3, 3]).tolist()
+    [0, 0, 1, 1, 1, 2, 2, 2]
+    """
+    return torch.repeat_interleave(torch.arange(3), torch.tensor(section))
 
 
 def audio_token_count(mel_frames: int) -> int:
@@ -120,12 +128,13 @@ def get_rope_index(input_ids: torch.Tensor, tokens: SpecialTokens, *, attention_
     positions = torch.ones(3, B, T, dtype=torch.long)
     deltas = torch.zeros(B, 1, dtype=torch.long)
 
+    present = {k: bool((ids_cpu[mask] == pad).any()) for k, pad in (("image", tokens.image_pad), ("video", tokens.video_pad))}
+    for kind, grid in (("image", image_grid_thw), ("video", video_grid_thw)):
+        if present[kind] and grid is None:
+            raise ValueError(f"the prompt holds {kind} placeholders but no {kind}_grid_thw was given")
     if image_grid_thw is None and video_grid_thw is None:
         # text and audio only: every id is sequential, so positions are a running count of real tokens
-        pos = mask.long().cumsum(-1) - 1
-        pos = pos.masked_fill(~mask, 1)
-        positions[:] = pos
-        deltas = pos.max(-1, keepdim=True).values + 1 - mask.sum(-1, keepdim=True)
+        positions, deltas = text_positions(mask)
         return positions.to(input_ids.device), deltas.to(input_ids.device)
 
     counters = {"image": 0, "video": 0, "audio": 0}
@@ -135,7 +144,23 @@ def get_rope_index(input_ids: torch.Tensor, tokens: SpecialTokens, *, attention_
                              use_audio_in_video, spatial_merge_size, position_id_per_seconds, seconds_per_chunk)
         positions[:, b, mask[b]] = pos
         deltas[b, 0] = (int(pos.max()) + 1 if pos.numel() else 0) - len(row)
+    for kind, table in (("image", image_grid_thw), ("video", video_grid_thw)):
+        if table is not None and counters[kind] != len(table):
+            raise ValueError(f"{len(table)} {kind} grids were given but the prompt holds {counters[kind]} {kind} items")
     return positions.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def text_positions(attention_mask: torch.Tensor):
+    """Positions (3, B, T) and deltas (B, 1) when every token counts up by one (text, or text and audio).
+
+    >>> text_positions(torch.tensor([[0, 1, 1]]))[0][0].tolist(), text_positions(torch.tensor([[0, 1, 1]]))[1].tolist()
+    ([[1, 0, 1]], [[0]])
+    """
+    mask = attention_mask.bool()
+    pos = mask.long().cumsum(-1) - 1
+    pos = pos.masked_fill(~mask, 1)                                   # padded slots: 1, as the reference
+    deltas = pos.max(-1, keepdim=True).values + 1 - mask.sum(-1, keepdim=True)
+    return pos.unsqueeze(0).expand(3, -1, -1).clone(), deltas
 
 
 def _row_positions(row, tk, counters, image_grid, video_grid, audio_lengths, spg, aiv, merge, pps, spc):
@@ -227,14 +252,14 @@ def _interleave(video_t: torch.Tensor, audio_t: torch.Tensor, per_chunk: int) ->
     return out
 
 
-def audio_in_video_layout(grid_thw, seconds_per_grid: float, n_audio_tokens: int, merge: int = 2,
+def audio_in_video_layout(grid_thw, second_per_grid: float, n_audio_tokens: int, merge: int = 2,
                           position_id_per_seconds: int = 25, seconds_per_chunk: int = 2) -> list[tuple[str, int]]:
     """How the processor lays out a video with its own audio: [(kind, n_tokens), ...] in 2-s chunks.
 
     >>> audio_in_video_layout((3, 4, 4), 1.0, 75)      # 6 frames at 2 fps with 3 s of audio
     [('video', 8), ('audio', 50), ('video', 4), ('audio', 25)]
     """
-    vpos = vision_positions(grid_thw, _video_t_ids(grid_thw, seconds_per_grid, position_id_per_seconds), 0, merge)
+    vpos = vision_positions(grid_thw, _video_t_ids(grid_thw, second_per_grid, position_id_per_seconds), 0, merge)
     return _interleave(vpos[0], torch.arange(n_audio_tokens), position_id_per_seconds * seconds_per_chunk)
 
 

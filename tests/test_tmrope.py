@@ -96,5 +96,10 @@ def test_placeholder_count_mismatch_is_named():
     ids = torch.tensor([[tk.vision_bos] + [tk.image_pad] * 3 + [tk.vision_eos]])
     with pytest.raises(ValueError, match="image placeholder run has 3 tokens but its grid/length needs 4"):
         get_rope_index(ids, tk, image_grid_thw=torch.tensor([[1, 4, 4]]))
-    with pytest.raises(ValueError, match="more image placeholders than image_grid_thw"):
+    with pytest.raises(ValueError, match="holds image placeholders but no image_grid_thw"):
         get_rope_index(ids, tk, video_grid_thw=torch.tensor([[1, 4, 4]]))
+    two = torch.tensor([([tk.vision_bos] + [tk.image_pad] * 4 + [tk.vision_eos]) * 2])
+    with pytest.raises(ValueError, match="more image placeholders than image_grid_thw"):
+        get_rope_index(two, tk, image_grid_thw=torch.tensor([[1, 4, 4]]))
+    with pytest.raises(ValueError, match="3 image grids were given but the prompt holds 2 image items"):
+        get_rope_index(two, tk, image_grid_thw=torch.tensor([[1, 4, 4]] * 3))
