@@ -82,11 +82,30 @@ class Thinker(nn.Module):
             x = x.masked_scatter(where[..., None], feats.to(x.dtype))
         return x
 
+    def encode_media(self, audio_features=None, audio_lengths=None, pixel_values=None, image_grid_thw=None,
+                     pixel_values_videos=None, video_grid_thw=None) -> dict:
+        """Run the encoders handed to this Thinker; returns the feature rows for `embed` (None where no media)."""
+        out = {}
+        if audio_features is not None:
+            if self.audio_tower is None:
+                raise ValueError("audio was given but this Thinker was built without an audio encoder")
+            out["audio_embeds"] = self.audio_tower(audio_features, audio_lengths)
+        for key, pv, grid in (("image_embeds", pixel_values, image_grid_thw),
+                              ("video_embeds", pixel_values_videos, video_grid_thw)):
+            if pv is not None:
+                if self.visual is None:
+                    raise ValueError("images or video were given but this Thinker was built without a vision encoder")
+                out[key] = self.visual(pv, grid)
+        return out
+
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, *, positions=None, inputs_embeds=None,
-                cache: KVCache | None = None, audio_embeds=None, image_embeds=None, video_embeds=None) -> ThinkerOutput:
+                cache: KVCache | None = None, audio_embeds=None, image_embeds=None, video_embeds=None,
+                **media) -> ThinkerOutput:
         """input_ids (B, T) or inputs_embeds (B, T, d); attention_mask (B, T) 1 = real, 0 = padding.
 
+        media: raw inputs for the encoders (audio_features, audio_lengths, pixel_values, image_grid_thw,
+        pixel_values_videos, video_grid_thw), as `processor.OmniInputs.model_kwargs()` gives them.
         positions (3, B, T): the TMRoPE ids (tmrope.get_rope_index). When omitted they are the text positions,
         or, with a cache that has seen a prompt, the positions that follow it. Media prompts need their
         TMRoPE ids from tmrope.get_rope_index (the processor provides them).
@@ -94,7 +113,9 @@ class Thinker(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.embed(input_ids, audio_embeds, image_embeds, video_embeds)
+            enc = self.encode_media(**media)
+            inputs_embeds = self.embed(input_ids, enc.get("audio_embeds", audio_embeds),
+                                       enc.get("image_embeds", image_embeds), enc.get("video_embeds", video_embeds))
         check_tensor("inputs_embeds", inputs_embeds, 3, last=self.cfg.thinker.d_model)
         B, T, _ = inputs_embeds.shape
         key_valid = _mask_to_bool(attention_mask, B, T, inputs_embeds.device)
@@ -117,10 +138,12 @@ class Thinker(nn.Module):
     # -- generation ----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, input_ids, attention_mask=None, *, positions=None, deltas=None, inputs_embeds=None,
-               sampling: SamplingConfig | None = None, **sampling_kw) -> Iterator[ThinkerStep]:
+               media: dict | None = None, sampling: SamplingConfig | None = None,
+               **sampling_kw) -> Iterator[ThinkerStep]:
         """Yield one ThinkerStep per generated token, as soon as it is chosen.
 
         positions/deltas: the prompt's TMRoPE ids and deltas (from tmrope.get_rope_index); text ids by default.
+        media: raw encoder inputs (see forward); their features are scattered into the prompt.
         Sampling options: a SamplingConfig, or its fields as keywords (temperature=0.7, top_k=20, seed=0 ...);
         stop_ids default to <|im_end|>.
         """
@@ -133,7 +156,7 @@ class Thinker(nn.Module):
             positions, deltas = text_positions(key_valid)
         elif deltas is None:
             raise ValueError("pass the rope deltas together with the positions (both come from get_rope_index)")
-        embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        embeds = self.embed(input_ids, **self.encode_media(**(media or {}))) if inputs_embeds is None else inputs_embeds
         cache = KVCache(self.cfg.thinker.n_layer)
         cache.deltas = deltas.to(input_ids.device)
         hidden = self.model(embeds, positions.to(input_ids.device), key_valid, cache)
@@ -154,6 +177,13 @@ class Thinker(nn.Module):
             pos = decode_positions(cache.deltas, cache.n_seen, 1)                     # (3, B, 1)
             hidden = self.model(embeds, pos, None, cache)
             logits = self.lm_head(hidden[:, -1])
+
+    @torch.no_grad()
+    def generate_from(self, inputs, **kw) -> GenerateOutput:
+        """generate() for a processor.OmniInputs batch (media, TMRoPE ids and deltas included)."""
+        media = {k: v for k, v in inputs.model_kwargs().items() if k not in ("input_ids", "attention_mask", "positions")}
+        return self.generate(inputs.input_ids, inputs.attention_mask, positions=inputs.positions,
+                             deltas=inputs.rope_deltas, media=media, **kw)
 
     @torch.no_grad()
     def generate(self, input_ids, attention_mask=None, **kw) -> GenerateOutput:
