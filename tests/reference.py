@@ -42,7 +42,7 @@ def hf_thinker(cfg: OmniConfig, seed: int = 0):
     from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniThinkerForConditionalGeneration
 
     torch.manual_seed(seed)
-    return Qwen2_5OmniThinkerForConditionalGeneration(hf_thinker_config(cfg)).eval()
+    return randomize_(Qwen2_5OmniThinkerForConditionalGeneration(hf_thinker_config(cfg)).eval(), seed)
 
 
 def random_layout(rng: random.Random, cfg: OmniConfig, *, use_audio_in_video: bool, allow_vision: bool = True):
@@ -92,7 +92,48 @@ def hf_audio_encoder(cfg: OmniConfig, seed: int = 0):
     c = hf_thinker_config(cfg).audio_config
     c._attn_implementation = "eager"
     torch.manual_seed(seed)
-    return Qwen2_5OmniAudioEncoder(c).eval()
+    return randomize_(Qwen2_5OmniAudioEncoder(c).eval(), seed)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token2Wav DiT (tests/test_dit.py).
+# ----------------------------------------------------------------------------------------------------------------
+def hf_dit_config(dc):
+    """transformers' Qwen2_5OmniDiTConfig with the numbers of our DiTConfig (an OmniConfig is accepted too)."""
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniDiTConfig
+
+    dc = getattr(dc, "dit", dc)
+    c = Qwen2_5OmniDiTConfig(
+        hidden_size=dc.d_model, num_hidden_layers=dc.n_layer, num_attention_heads=dc.n_head, head_dim=dc.head_dim,
+        ff_mult=dc.ff_mult, emb_dim=dc.emb_dim, rope_parameters=dict(rope_type="default", rope_theta=dc.rope_theta),
+        max_position_embeddings=dc.max_mel_len, block_size=dc.block_size,
+        look_ahead_layers=list(dc.look_ahead_layers), look_backward_layers=list(dc.look_backward_layers),
+        repeats=dc.repeats, num_embeds=dc.num_embeds, mel_dim=dc.mel_dim, dropout=dc.dropout,
+        enc_emb_dim=dc.enc_emb_dim, enc_dim=dc.enc_dim, enc_channels=list(dc.enc_channels),
+        enc_kernel_sizes=list(dc.enc_kernel_sizes), enc_dilations=list(dc.enc_dilations),
+        enc_attention_channels=dc.enc_attention_channels, enc_res2net_scale=dc.enc_res2net_scale,
+        enc_se_channels=dc.enc_se_channels)
+    c._attn_implementation = "sdpa"  # the reference DiT runs on SDPA only (its eager path is not wired up)
+    return c
+
+
+def hf_dit(cfg, seed: int = 0):
+    """A tiny random transformers DiT. Every parameter is redrawn at unit-variance-preserving scale: the stock init
+    (std 0.02, zero biases) leaves activations so small that a 1e-5 parity check would prove little."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavDiTModel
+
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniToken2WavDiTModel(hf_dit_config(cfg)).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("codec_embed.weight"):
+                p.copy_(torch.randn(p.shape, generator=g))
+            elif p.ndim >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p[0].numel() ** 0.5)
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -133,3 +174,73 @@ def hf_image_processor(min_pixels: int, max_pixels: int):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     return Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
+
+
+def hf_bigvgan(cfg, seed: int = 0):
+    """transformers' Qwen2_5OmniToken2WavBigVGANModel built from our VocoderConfig, with weights redrawn.
+
+    The reference's own init is useless for a parity test: convs get std 0.02 (the waveform comes out near 1e-7,
+    so any atol passes) and every SnakeBeta log-alpha / log-beta is 0. Here convs get PyTorch's fan-in init,
+    biases small random values and log-alpha / log-beta are drawn from N(0, 0.5^2).
+    """
+    import torch.nn as nn
+    from transformers.models.qwen2_5_omni.configuration_qwen2_5_omni import Qwen2_5OmniBigVGANConfig
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniToken2WavBigVGANModel
+
+    c = Qwen2_5OmniBigVGANConfig(
+        mel_dim=cfg.mel_dim, upsample_initial_channel=cfg.upsample_initial_channel,
+        resblock_kernel_sizes=list(cfg.resblock_kernel_sizes),
+        resblock_dilation_sizes=[list(d) for d in cfg.resblock_dilation_sizes],
+        upsample_rates=list(cfg.upsample_rates), upsample_kernel_sizes=list(cfg.upsample_kernel_sizes))
+    torch.manual_seed(seed)
+    model = Qwen2_5OmniToken2WavBigVGANModel(c).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+                m.reset_parameters()
+                if m.bias is not None:
+                    m.bias.normal_(0.0, 0.1)
+        for name, p in model.named_parameters():
+            if name.endswith((".alpha", ".beta")):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+def randomize_(model, seed: int = 0, scale: float = 0.05):
+    """Give every parameter of a reference model random values (norm gains near 1, biases non-zero), so a parity
+    test also checks that gains and biases are read from the right keys."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            is_gain = ("norm" in name or "ln_" in name) and name.endswith("weight")
+            p.copy_(1.0 + 0.1 * noise if is_gain else scale * noise)
+    return model
+
+
+def hf_talker_config(cfg: OmniConfig):
+    from transformers import Qwen2_5OmniTalkerConfig
+
+    tc, tk = cfg.talker, cfg.tokens
+    c = Qwen2_5OmniTalkerConfig(
+        vocab_size=tc.vocab_size, embedding_size=tc.embed_dim, hidden_size=tc.d_model, num_hidden_layers=tc.n_layer,
+        num_attention_heads=tc.n_head, num_key_value_heads=tc.n_kv_head, head_dim=tc.head_dim,
+        intermediate_size=tc.d_ff, rms_norm_eps=tc.rms_eps, max_position_embeddings=tc.max_seq_len,
+        rope_parameters=dict(rope_type="default", rope_theta=tc.rope_theta, mrope_section=list(tc.mrope_section)),
+        tts_codec_pad_token_id=tc.codec_pad, tts_codec_start_token_id=tc.codec_bos,
+        tts_codec_end_token_id=tc.codec_eos, tts_codec_mask_token_id=tc.codec_mask,
+        tts_text_pad_token_id=tk.tts_text_pad, tts_text_start_token_id=tk.tts_text_bos,
+        tts_text_end_token_id=tk.tts_text_eos, audio_token_index=tk.audio_pad, image_token_index=tk.image_pad,
+        video_token_index=tk.video_pad, vision_start_token_id=tk.vision_bos, vision_end_token_id=tk.vision_eos,
+        audio_start_token_id=tk.audio_bos, audio_end_token_id=tk.audio_eos,
+        position_id_per_seconds=cfg.position_id_per_seconds, seconds_per_chunk=cfg.seconds_per_chunk,
+        spatial_merge_size=cfg.vision.spatial_merge_size)
+    c._attn_implementation = "eager"
+    return c
+
+
+def hf_talker(cfg: OmniConfig, seed: int = 0):
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniTalkerForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return randomize_(Qwen2_5OmniTalkerForConditionalGeneration(hf_talker_config(cfg)).eval(), seed)
