@@ -105,12 +105,11 @@ def _read_video_file(path: Path):
         wav = None
         with av.open(str(path)) as box:
             if box.streams.audio:
-                a = box.streams.audio[0]
-                chunks = [f.to_ndarray() for f in box.decode(audio=0)]
-                pcm = np.concatenate([c if c.ndim == 2 else c[None] for c in chunks], axis=1)
-                if a.format.is_planar is False and pcm.shape[0] == 1 and a.channels > 1:
-                    pcm = pcm.reshape(-1, a.channels).T
-                wav = load_audio(pcm.astype(np.float32), a.rate)
+                rate = box.streams.audio[0].rate
+                to_mono = av.AudioResampler(format="flt", layout="mono", rate=rate)   # any sample format -> float
+                pcm = [r.to_ndarray().reshape(-1) for f in box.decode(audio=0) for r in to_mono.resample(f)]
+                if pcm:
+                    wav = load_audio(np.concatenate(pcm).astype(np.float32), rate)
     except Exception as e:
         raise ValueError(f"cannot read video file {path}: {e}") from None
     return np.stack(frames), fps, wav

@@ -141,11 +141,52 @@ def test_bad_conversations(tmp_path):
         load_video(tmp_path, fps=2.0)
     mp4 = tmp_path / "clip.mp4"
     mp4.write_bytes(b"\x00\x00\x00\x18ftypmp42")
-    try:
-        import av  # noqa: F401
-    except ImportError:
-        with pytest.raises(ImportError, match="needs the optional package PyAV: pip install av"):
-            load_video(mp4)
-    else:
-        with pytest.raises(ValueError, match="cannot read video file"):
-            load_video(mp4)
+    pytest.importorskip("av")
+    with pytest.raises(ValueError, match="cannot read video file .*clip.mp4"):
+        load_video(mp4)
+
+
+def test_missing_pyav_is_named(tmp_path, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_av(name, *a, **k):
+        if name == "av":
+            raise ImportError("No module named 'av'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_av)
+    (tmp_path / "clip.mp4").write_bytes(b"\x00")
+    with pytest.raises(ImportError, match="needs the optional package PyAV: pip install av"):
+        load_video(tmp_path / "clip.mp4")
+
+
+def test_mp4_with_sound_through_pyav(tmp_path):
+    av = pytest.importorskip("av")
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as box:
+        vs = box.add_stream("mpeg4", rate=10)
+        vs.width, vs.height, vs.pix_fmt = 64, 48, "yuv420p"
+        aus = box.add_stream("aac", rate=16000)
+        aus.layout = "mono"
+        for i in range(20):
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 10 * i, np.uint8), format="rgb24")
+            for pkt in vs.encode(frame):
+                box.mux(pkt)
+        for pkt in vs.encode():
+            box.mux(pkt)
+        pcm = tone(2.0)
+        for k in range(0, len(pcm), 1024):
+            af = av.AudioFrame.from_ndarray(pcm[None, k: k + 1024], format="fltp", layout="mono")
+            af.sample_rate = 16000
+            for pkt in aus.encode(af):
+                box.mux(pkt)
+        for pkt in aus.encode():
+            box.mux(pkt)
+    frames, fps, wav = load_video(path)
+    assert frames.shape == (20, 48, 64, 3) and fps == 10.0
+    assert wav is not None and 1.9 * 16000 < wav.shape[0] < 2.3 * 16000 and 0.3 < float(wav.abs().max()) < 0.6   # tone peak 0.45
+    x = Processor(CFG, TOK)([{"role": "user", "content": [{"type": "video", "video": str(path)}]}],
+                            use_audio_in_video=True)
+    assert int(x.video_grid_thw[0, 0]) == 2 and x.audio_lengths.numel() == 1
