@@ -13,6 +13,10 @@ A media item is a dict: {"type": "audio", "audio": path | (array, sample_rate)},
 PIL image | array}, {"type": "video", "video": folder of frames | .mp4 path | (T, H, W, 3) array, "fps": frame rate
 of the given frames, "audio": optional path | (array, sample_rate)}. A folder of frames may hold its sound as
 `audio.wav`. Reading .mp4 needs the optional package PyAV (`pip install av`).
+
+Documented normalisations: a video's audio track shorter or longer than its frames is kept as it is (the 2-s
+chunks interleave while both last, then the longer one continues alone; TMRoPE places every token at its own
+time). Placeholder tokens typed into the text are an error: media enter as items.
 """
 from __future__ import annotations
 

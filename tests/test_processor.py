@@ -190,3 +190,25 @@ def test_mp4_with_sound_through_pyav(tmp_path):
     x = Processor(CFG, TOK)([{"role": "user", "content": [{"type": "video", "video": str(path)}]}],
                             use_audio_in_video=True)
     assert int(x.video_grid_thw[0, 0]) == 2 and x.audio_lengths.numel() == 1
+
+
+@pytest.mark.parametrize("audio_s, want", [
+    (1.0, [("video", 2), ("audio", 25), ("video", 1)]),                    # audio ends early
+    (6.0, [("video", 2), ("audio", 50), ("video", 1), ("audio", 100)]),    # audio runs on past the frames
+])
+def test_audio_track_shorter_or_longer_than_the_frames(audio_s, want):
+    """Documented normalisation: the track is kept as it is; 2-s chunks interleave while both last, then the
+    longer one continues alone (TMRoPE still places every token at its own time). 6 frames at 2 fps are three
+    frame pairs at t = 0, 1, 2 s: two fall in the first 2-s chunk, one in the second. Video counts are in pairs."""
+    x = Processor(CFG, TOK)([{"role": "user", "content": [{"type": "video", "video": video(6, 28, 56), "fps": 2.0,
+                                                           "audio": (tone(audio_s), 16000)}]}], use_audio_in_video=True)
+    per_pair = int(x.video_grid_thw[0, 1] * x.video_grid_thw[0, 2]) // 4
+    runs, prev = [], None
+    for t in x.input_ids[0].tolist():
+        kind = {TK.video_pad: "video", TK.audio_pad: "audio"}.get(t)
+        if kind and kind == prev:
+            runs[-1][1] += 1
+        elif kind:
+            runs.append([kind, 1])
+        prev = kind
+    assert [(k, n // per_pair if k == "video" else n) for k, n in runs] == want
