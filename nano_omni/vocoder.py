@@ -124,7 +124,7 @@ def upsample2x(x: torch.Tensor, filt: torch.Tensor) -> torch.Tensor:
     padded by repeating the end samples, then the samples those pads produced are cut off again.
     """
     C, K = x.shape[1], filt.shape[-1]
-    pad = K // 2 - 1                                       # input samples that reach the first kept output
+    pad = K // 2 - 1                                       # so every kept output sees K / 2 (real or repeated) inputs
     x = F.pad(x, (pad, pad), mode="replicate")             # (B, C, L + 2 pad)
     y = F.conv_transpose1d(x, filt.expand(C, 1, K), stride=2, groups=C)   # (B, C, 2L + 4 pad + K - 2)
     left, right = 2 * pad + (K - 2) // 2, 2 * pad + (K - 1) // 2          # 15 and 15 for K = 12
@@ -189,10 +189,10 @@ def _check_architecture(cfg: VocoderConfig) -> None:
     for k in cfg.resblock_kernel_sizes:
         if k % 2 == 0:
             raise ValueError(f"resblock_kernel_sizes must be odd (a 'same' padding keeps the length), got {k}")
-    for r, k in zip(cfg.upsample_rates, cfg.upsample_kernel_sizes):
+    for i, (r, k) in enumerate(zip(cfg.upsample_rates, cfg.upsample_kernel_sizes)):
         if k < r or (k - r) % 2:
-            raise ValueError(f"upsample kernel {k} with rate {r}: kernel - rate must be even and >= 0, "
-                             f"so that the stage makes the signal exactly {r} times longer")
+            raise ValueError(f"upsample_kernel_sizes[{i}] ({k}) - upsample_rates[{i}] ({r}) must be even and >= 0, "
+                             f"so that stage {i} makes the signal exactly {r} times longer")
 
 
 class BigVGAN(nn.Module):

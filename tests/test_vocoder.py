@@ -236,5 +236,5 @@ def test_bad_wave_and_config_are_rejected():
         multi_resolution_stft_loss(x[:, :1000], x[:, :1000])   # the 2048-point STFT mirrors 1024 samples
     with pytest.raises(ValueError, match="resblock_kernel_sizes must be odd"):
         BigVGAN(VocoderConfig(upsample_initial_channel=64, resblock_kernel_sizes=[4], resblock_dilation_sizes=[[1]]))
-    with pytest.raises(ValueError, match="upsample kernel 5 with rate 2"):
+    with pytest.raises(ValueError, match=r"upsample_kernel_sizes\[0\] \(5\) - upsample_rates\[0\] \(2\) must be even"):
         BigVGAN(VocoderConfig(upsample_initial_channel=64, upsample_rates=[2], upsample_kernel_sizes=[5]))
