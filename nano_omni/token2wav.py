@@ -1,0 +1,171 @@
+"""Token2Wav: speech codes -> mel (flow-matching DiT) -> waveform (BigVGAN), offline or streaming.
+
+Paper: Qwen2.5-Omni section 2.4 (sliding-window DiT, chunked BigVGAN, low first-packet latency). Reference 3f.
+Like omni.py, this file only wires components (dit.py, vocoder.py) together; it holds no model of its own.
+
+Offline:  mel = DiT.sample(all codes, noise for all frames); wav = BigVGAN(mel).
+
+Streaming (the official recipe, with our choice of vocoder overlap):
+    codes arrive in pieces; frames are counted in mel frames (2 per code, 100 per second).
+    DiT   chunk i = frames [c*i, c*(i+1)) with c = 3 blocks = 72 frames (36 codes, 0.72 s). It is ready once the
+          codes of one more block (24 frames) exist. The ODE runs on the window [c*i - 2 blocks, c*(i+1) + 1 block]
+          of codes and noise, and keeps the middle. The noise is fixed per frame for the whole utterance
+          (`FrameNoise`), so a frame gets the same noise offline and in every window that contains it.
+    BigVGAN  once mel frames [0, m) are final, the samples of frames [e, m - right) can be written: the vocoder
+          runs on frames [e - left, m) and keeps the samples of [e, m - right); (left, right) is its receptive
+          field, so these samples equal the offline ones exactly.
+    PCM leaves as a generator of (samples,) chunks.
+
+How exact is streaming? BigVGAN: exact (the overlap covers its receptive field). DiT: one velocity evaluation
+sees 2 blocks back and 1 ahead (the layer masks), and the window supplies exactly that much context, so a
+single Euler step is exact. Every further evaluation widens the dependence by the same amount, so with the
+official 10-step RK4 (36 evaluations) frames near a window's edge differ from the offline result; the tests
+measure that seam error and bound it. With enough context (`past_blocks`/`future_blocks` >= evaluations x
+(back, ahead)) streaming is exact again, at the price of latency.
+
+First packet: chunk 0 needs codes for frames [0, c + 1 block) = 48 codes (official sizes); then the vocoder writes
+frames [0, c - right). `first_packet_codes()` returns that number for any configuration.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+from .config import OmniConfig
+from .dit import DiT
+from .vocoder import BigVGAN, receptive_field
+
+
+class FrameNoise:
+    """The ODE's starting noise, fixed per mel frame: block k of `block` frames is drawn from a generator seeded
+    with (seed, k). Any range of frames can be asked for, in any order, and always gets the same values."""
+
+    def __init__(self, seed: int, mel_dim: int, block: int = 24):
+        self.seed, self.mel_dim, self.block = seed, mel_dim, block
+        self._cache: dict[int, torch.Tensor] = {}
+
+    def _block(self, k: int) -> torch.Tensor:
+        if k not in self._cache:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+            self._cache[k] = torch.randn(self.block, self.mel_dim, generator=g)
+        return self._cache[k]
+
+    def get(self, start: int, end: int) -> torch.Tensor:
+        """(1, end - start, mel_dim)"""
+        if end <= start:
+            return torch.zeros(1, 0, self.mel_dim)
+        k0, k1 = start // self.block, (end - 1) // self.block
+        x = torch.cat([self._block(k) for k in range(k0, k1 + 1)])               # (blocks * block, mel)
+        return x[start - k0 * self.block: end - k0 * self.block][None]
+
+
+class Token2Wav(nn.Module):
+    def __init__(self, cfg: OmniConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.code2wav_dit_model = DiT(cfg.dit)
+        self.code2wav_bigvgan_model = BigVGAN(cfg.vocoder)
+
+    # -- offline -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, codes: torch.Tensor, cond: torch.Tensor, ref_mel: torch.Tensor, *, steps: int = 10,
+                guidance: float = 0.5, sway: float = -1.0, solver: str = "rk4", noise: FrameNoise | None = None,
+                return_mel: bool = False):
+        """codes (1, N), cond (1, enc_emb_dim), ref_mel (1, T_ref, mel) -> wav (1, 2N * hop) [and mel (1, 2N, mel)]."""
+        _check_codes(codes, self.cfg)
+        T = codes.shape[1] * self.cfg.dit.repeats
+        noise = noise or FrameNoise(0, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
+        mel = self.code2wav_dit_model.sample(codes, cond.float(), ref_mel.float(), steps, guidance, sway, solver,
+                                             noise=noise.get(0, T).to(ref_mel.device))          # (1, T, mel)
+        wav = self.code2wav_bigvgan_model(mel.transpose(1, 2))                                  # (1, T * hop)
+        return (wav, mel) if return_mel else wav
+
+    # -- streaming ---------------------------------------------------------------------------------------------
+    def first_packet_codes(self, chunk_blocks: int = 3, future_blocks: int = 1) -> int:
+        """How many codes must exist before the first PCM chunk can leave."""
+        d = self.cfg.dit
+        return -(-(chunk_blocks + future_blocks) * d.block_size // d.repeats)
+
+    @torch.no_grad()
+    def stream(self, code_pieces: Iterable[torch.Tensor], cond: torch.Tensor, ref_mel: torch.Tensor, *,
+               steps: int = 10, guidance: float = 0.5, sway: float = -1.0, solver: str = "rk4",
+               noise: FrameNoise | None = None, chunk_blocks: int = 3, past_blocks: int = 2, future_blocks: int = 1,
+               stats: dict | None = None) -> Iterator[torch.Tensor]:
+        """Yield PCM chunks (samples,) while codes arrive. code_pieces: (1, n) tensors of new codes, in order.
+
+        stats (optional dict) receives 'mel' (the concatenated streamed mel, (1, T, mel)) and, per PCM chunk,
+        the number of codes that had arrived when it left ('codes_at_chunk').
+        """
+        d = self.cfg.dit
+        bs, rep = d.block_size, d.repeats
+        chunk, past, fut = chunk_blocks * bs, past_blocks * bs, future_blocks * bs
+        left, right = receptive_field(self.cfg.vocoder)
+        hop = self.cfg.vocoder.hop_length
+        noise = noise or FrameNoise(0, d.mel_dim, bs)
+        dev = ref_mel.device
+        codes = torch.zeros(1, 0, dtype=torch.long, device=dev)
+        mels: list[torch.Tensor] = []          # final mel chunks, (1, c, mel) each
+        done = 0                               # mel frames finalised by the DiT
+        emitted = 0                            # mel frames whose samples have left
+        stats = stats if stats is not None else {}
+        stats.setdefault("codes_at_chunk", [])
+
+        def dit_chunk(lo: int, hi: int, total: int) -> torch.Tensor:
+            a, b = max(0, lo - past), min(total, hi + fut)                 # window with context, in frames
+            a_code, b_code = a // rep, -(-b // rep)
+            mel = self.code2wav_dit_model.sample(codes[:, a_code:b_code], cond.float(), ref_mel.float(), steps,
+                                                 guidance, sway, solver,
+                                                 noise=noise.get(a_code * rep, b_code * rep).to(dev))
+            return mel[:, lo - a_code * rep: hi - a_code * rep]               # (1, hi - lo, mel)
+
+        def vocode(upto: int, final: bool) -> torch.Tensor | None:
+            nonlocal emitted
+            stop = upto if final else upto - right
+            if stop <= emitted:
+                return None
+            mel_all = torch.cat(mels, 1)                                     # (1, done, mel)
+            a = max(0, emitted - left)
+            wav = self.code2wav_bigvgan_model(mel_all[:, a:upto].transpose(1, 2).float())   # (1, (upto - a) * hop)
+            out = wav[0, (emitted - a) * hop: (stop - a) * hop]
+            emitted = stop
+            return out
+
+        for piece in code_pieces:
+            _check_codes(piece, self.cfg, allow_empty=True)
+            codes = torch.cat([codes, piece.to(dev)], 1)
+            avail = codes.shape[1] * rep
+            while avail >= done + chunk + fut:                             # the next chunk has its future context
+                mels.append(dit_chunk(done, done + chunk, avail))
+                done += chunk
+                pcm = vocode(done, final=False)
+                if pcm is not None:
+                    stats["codes_at_chunk"].append(codes.shape[1])
+                    yield pcm
+        total = codes.shape[1] * rep
+        if total == 0:
+            raise ValueError("no codes arrived: cannot make speech from an empty code sequence")
+        while done < total:                                                # the tail: no more future to wait for
+            hi = min(done + chunk, total)
+            mels.append(dit_chunk(done, hi, total))
+            done = hi
+        pcm = vocode(done, final=True)
+        if pcm is not None:
+            stats["codes_at_chunk"].append(codes.shape[1])
+            yield pcm
+        stats["mel"] = torch.cat(mels, 1)
+
+
+def _check_codes(codes, cfg: OmniConfig, allow_empty: bool = False) -> None:
+    if not isinstance(codes, torch.Tensor) or codes.ndim != 2 or codes.shape[0] != 1:
+        raise ValueError(f"codes must be a (1, N) tensor, got {getattr(codes, 'shape', type(codes).__name__)}")
+    if codes.dtype not in (torch.long, torch.int32, torch.int64):
+        raise TypeError(f"codes must hold integer ids, got {codes.dtype}")
+    if codes.shape[1] == 0:
+        if allow_empty:
+            return
+        raise ValueError("codes is empty: cannot make speech from an empty code sequence")
+    hi = cfg.dit.num_embeds
+    if int(codes.min()) < 0 or int(codes.max()) > hi:
+        raise ValueError(f"codes must lie in [0, {hi}], got values in [{int(codes.min())}, {int(codes.max())}]")
