@@ -88,73 +88,93 @@ class Token2Wav(nn.Module):
         d = self.cfg.dit
         return -(-(chunk_blocks + future_blocks) * d.block_size // d.repeats)
 
+    def session(self, cond: torch.Tensor, ref_mel: torch.Tensor, **kw) -> "Token2WavStream":
+        """A push-style streaming session: `push(codes)` returns the PCM chunks that became ready, `finish()`
+        the rest. Keywords as `stream`."""
+        return Token2WavStream(self, cond, ref_mel, **kw)
+
     @torch.no_grad()
-    def stream(self, code_pieces: Iterable[torch.Tensor], cond: torch.Tensor, ref_mel: torch.Tensor, *,
-               steps: int = 10, guidance: float = 0.5, sway: float = -1.0, solver: str = "rk4",
-               noise: FrameNoise | None = None, chunk_blocks: int = 3, past_blocks: int = 2, future_blocks: int = 1,
-               stats: dict | None = None) -> Iterator[torch.Tensor]:
+    def stream(self, code_pieces: Iterable[torch.Tensor], cond: torch.Tensor, ref_mel: torch.Tensor,
+               stats: dict | None = None, **kw) -> Iterator[torch.Tensor]:
         """Yield PCM chunks (samples,) while codes arrive. code_pieces: (1, n) tensors of new codes, in order.
 
-        stats (optional dict) receives 'mel' (the concatenated streamed mel, (1, T, mel)) and, per PCM chunk,
-        the number of codes that had arrived when it left ('codes_at_chunk').
+        Keywords: steps, guidance, sway, solver, noise (a FrameNoise), chunk_blocks (3), past_blocks (2),
+        future_blocks (1). stats (optional dict) receives 'mel' (the streamed mel, (1, T, mel)) and
+        'codes_at_chunk' (how many codes had arrived when each PCM chunk left).
         """
-        d = self.cfg.dit
-        bs, rep = d.block_size, d.repeats
-        chunk, past, fut = chunk_blocks * bs, past_blocks * bs, future_blocks * bs
-        left, right = receptive_field(self.cfg.vocoder)
-        hop = self.cfg.vocoder.hop_length
-        noise = noise or FrameNoise(0, d.mel_dim, bs)
-        dev = ref_mel.device
-        codes = torch.zeros(1, 0, dtype=torch.long, device=dev)
-        mels: list[torch.Tensor] = []          # final mel chunks, (1, c, mel) each
-        done = 0                               # mel frames finalised by the DiT
-        emitted = 0                            # mel frames whose samples have left
-        stats = stats if stats is not None else {}
-        stats.setdefault("codes_at_chunk", [])
-
-        def dit_chunk(lo: int, hi: int, total: int) -> torch.Tensor:
-            a, b = max(0, lo - past), min(total, hi + fut)                 # window with context, in frames
-            a_code, b_code = a // rep, -(-b // rep)
-            mel = self.code2wav_dit_model.sample(codes[:, a_code:b_code], cond.float(), ref_mel.float(), steps,
-                                                 guidance, sway, solver,
-                                                 noise=noise.get(a_code * rep, b_code * rep).to(dev))
-            return mel[:, lo - a_code * rep: hi - a_code * rep]               # (1, hi - lo, mel)
-
-        def vocode(upto: int, final: bool) -> torch.Tensor | None:
-            nonlocal emitted
-            stop = upto if final else upto - right
-            if stop <= emitted:
-                return None
-            mel_all = torch.cat(mels, 1)                                     # (1, done, mel)
-            a = max(0, emitted - left)
-            wav = self.code2wav_bigvgan_model(mel_all[:, a:upto].transpose(1, 2).float())   # (1, (upto - a) * hop)
-            out = wav[0, (emitted - a) * hop: (stop - a) * hop]
-            emitted = stop
-            return out
-
+        s = self.session(cond, ref_mel, **kw)
         for piece in code_pieces:
-            _check_codes(piece, self.cfg, allow_empty=True)
-            codes = torch.cat([codes, piece.to(dev)], 1)
-            avail = codes.shape[1] * rep
-            while avail >= done + chunk + fut:                             # the next chunk has its future context
-                mels.append(dit_chunk(done, done + chunk, avail))
-                done += chunk
-                pcm = vocode(done, final=False)
-                if pcm is not None:
-                    stats["codes_at_chunk"].append(codes.shape[1])
-                    yield pcm
-        total = codes.shape[1] * rep
+            yield from s.push(piece)
+        yield from s.finish()
+        if stats is not None:
+            stats.update(mel=s.mel(), codes_at_chunk=s.codes_at_chunk)
+
+
+class Token2WavStream:
+    """State of one streamed utterance (see the module docstring for the recipe)."""
+
+    def __init__(self, t2w: Token2Wav, cond, ref_mel, *, steps: int = 10, guidance: float = 0.5, sway: float = -1.0,
+                 solver: str = "rk4", noise: FrameNoise | None = None, chunk_blocks: int = 3, past_blocks: int = 2,
+                 future_blocks: int = 1):
+        d = t2w.cfg.dit
+        self.t2w, self.cond, self.ref_mel = t2w, cond.float(), ref_mel.float()
+        self.ode = dict(steps=steps, guidance=guidance, sway=sway, solver=solver)
+        self.noise = noise or FrameNoise(0, d.mel_dim, d.block_size)
+        self.rep = d.repeats
+        self.chunk, self.past, self.fut = (n * d.block_size for n in (chunk_blocks, past_blocks, future_blocks))
+        self.left, self.right = receptive_field(t2w.cfg.vocoder)
+        self.hop = t2w.cfg.vocoder.hop_length
+        self.codes = torch.zeros(1, 0, dtype=torch.long, device=ref_mel.device)
+        self.mels: list[torch.Tensor] = []     # final mel chunks, (1, c, mel) each
+        self.done = 0                          # mel frames finalised by the DiT
+        self.emitted = 0                       # mel frames whose samples have left
+        self.codes_at_chunk: list[int] = []
+
+    def mel(self) -> torch.Tensor:
+        return torch.cat(self.mels, 1)
+
+    @torch.no_grad()
+    def push(self, piece: torch.Tensor) -> list[torch.Tensor]:
+        """Add new codes (1, n); return the PCM chunks that are now final."""
+        _check_codes(piece, self.t2w.cfg, allow_empty=True)
+        self.codes = torch.cat([self.codes, piece.to(self.codes.device)], 1)
+        avail, out = self.codes.shape[1] * self.rep, []
+        while avail >= self.done + self.chunk + self.fut:       # the next chunk has its future context
+            self._dit_chunk(self.done + self.chunk, avail)
+            out += self._vocode(final=False)
+        return out
+
+    @torch.no_grad()
+    def finish(self) -> list[torch.Tensor]:
+        """No more codes: finish the tail (no future left to wait for) and flush the vocoder."""
+        total = self.codes.shape[1] * self.rep
         if total == 0:
             raise ValueError("no codes arrived: cannot make speech from an empty code sequence")
-        while done < total:                                                # the tail: no more future to wait for
-            hi = min(done + chunk, total)
-            mels.append(dit_chunk(done, hi, total))
-            done = hi
-        pcm = vocode(done, final=True)
-        if pcm is not None:
-            stats["codes_at_chunk"].append(codes.shape[1])
-            yield pcm
-        stats["mel"] = torch.cat(mels, 1)
+        while self.done < total:
+            self._dit_chunk(min(self.done + self.chunk, total), total)
+        return self._vocode(final=True)
+
+    def _dit_chunk(self, hi: int, total: int) -> None:
+        lo, rep = self.done, self.rep
+        a, b = max(0, lo - self.past), min(total, hi + self.fut)            # window with context, in frames
+        a_code, b_code = a // rep, -(-b // rep)
+        mel = self.t2w.code2wav_dit_model.sample(self.codes[:, a_code:b_code], self.cond, self.ref_mel,
+                                                  noise=self.noise.get(a_code * rep, b_code * rep).to(self.codes.device),
+                                                  **self.ode)
+        self.mels.append(mel[:, lo - a_code * rep: hi - a_code * rep])        # (1, hi - lo, mel)
+        self.done = hi
+
+    def _vocode(self, final: bool) -> list[torch.Tensor]:
+        stop = self.done if final else self.done - self.right
+        if stop <= self.emitted:
+            return []
+        a = max(0, self.emitted - self.left)
+        mel = torch.cat(self.mels, 1)[:, a: self.done]                        # (1, done - a, mel)
+        wav = self.t2w.code2wav_bigvgan_model(mel.transpose(1, 2))             # (1, (done - a) * hop)
+        out = wav[0, (self.emitted - a) * self.hop: (stop - a) * self.hop]
+        self.emitted = stop
+        self.codes_at_chunk.append(self.codes.shape[1])
+        return [out]
 
 
 def _check_codes(codes, cfg: OmniConfig, allow_empty: bool = False) -> None:
