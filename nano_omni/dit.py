@@ -19,11 +19,15 @@ Shapes: B batch, N codes, T mel frames, d d_model, H n_head, D head_dim, mel mel
 Attention is local: frame i sits in block b(i) = i // block_size (24 frames = 0.24 s) and may see frame j when
 -back <= b(j) - b(i) <= ahead, with (back, ahead) per layer (`DiTConfig.layer_back_ahead`). Most layers see only
 their own block; the official model has two look-back layers and one look-ahead layer, so the stack sees 2 blocks
-back and 1 ahead. That bounded receptive field is what makes chunked streaming exact (see `receptive_field`).
+back and 1 ahead (see `receptive_field`). That bounded context is what lets streaming decode in windows with a
+little past and future. It bounds one network call; an ODE solve chains 36 calls, so windowed decoding is close to
+the offline result, not equal to it.
 
-Simplifications: no condition masking of a mel prompt (the official model conditions only on codes and voice);
-batched rows of different lengths are padded on the right and described by `code_lens` (the reference decodes one
-utterance at a time). Guidance, the 3/8-rule RK4 and the sway schedule follow transformers exactly.
+Relative to the reference (transformers' Qwen2_5OmniToken2WavDiTModel): the network, guidance, the 3/8-rule RK4 and
+the sway schedule are the same. Added: batched rows of different lengths, padded on the right and described by
+`code_lens` (the reference decodes one utterance at a time), and the training loss (not in the reference; the
+standard conditional flow-matching loss with t ~ U(0, 1), since the official recipe is unpublished). Unlike F5-TTS,
+which it follows, there is no masked mel prompt: Qwen conditions on codes and the voice only.
 """
 from __future__ import annotations
 
@@ -119,6 +123,8 @@ def rotate_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
 
     x (..., T, D); cos, sin (T, D/2). (layers.apply_rotary pairs (x_k, x_{k + D/2}) instead: same idea, other
     layout. The checkpoint was trained with this one, so its q/k weights only make sense with it.)
+    transformers gets the same scores another way: it reorders head 0 to (x0, x2, ..., x1, x3, ...), rotates
+    half-split and leaves q and k reordered; a permutation shared by q and k does not change q . k.
     """
     a, b = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)).unbind(-1)  # (..., T, D/2) each
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)  # (..., T, D)
@@ -225,7 +231,10 @@ class DiT(nn.Module):
         return [built[ba] for ba in self.cfg.layer_back_ahead]
 
     def prepare(self, codes, cond, ref_mel, code_lens=None, guided: bool = False) -> Conditioning:
-        """Check the inputs and compute everything that does not depend on x or t."""
+        """Check the inputs and compute everything that does not depend on x or t.
+
+        Under autograd the result holds a graph (codec embedding, ECAPA): backpropagate through it once, or build it
+        under torch.no_grad() to reuse it for many calls, as sampling does."""
         B, N = _check_conditioning(self.cfg, self.input_embed.spk_encoder.min_frames, codes, cond, ref_mel)
         T = N * self.cfg.repeats
         mel_valid = None
@@ -263,6 +272,8 @@ class DiT(nn.Module):
             raise ValueError(f"x must have shape {(B, c.feats.shape[1], self.cfg.mel_dim)}, got {tuple(x.shape)}")
         t = _time(t, B, x)
         if not c.guided:
+            if guidance:
+                raise ValueError(f"guidance={guidance} needs conditioning built with prepare(..., guided=True)")
             return self._net(x, t, c)
         v_c, v_u = self._net(torch.cat([x, x]), torch.cat([t, t]), c).chunk(2)  # 2 x (B, T, mel)
         return v_c + guidance * (v_c - v_u)
@@ -313,6 +324,7 @@ def flow_matching_loss(dit: DiT, mel, codes, cond, ref_mel, code_lens=None, *, t
     each row loses all its conditions with that probability (codes -> 0, cond -> 0, ref_mel -> 0, exactly the
     unconditioned half used by guidance at sampling time), so one network learns both v_c and v_u.
     """
+    check_ids("codes", codes, dit.cfg.num_embeds + 1)
     check_tensor("mel", mel, 3, last=dit.cfg.mel_dim)
     check_finite("mel", mel)
     B, T = codes.shape[0], codes.shape[1] * dit.cfg.repeats

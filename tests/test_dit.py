@@ -367,6 +367,8 @@ def test_forward_and_loss_reject_bad_shapes(pair):
         ours(x[..., :40], t, codes, cond, ref_mel)
     with pytest.raises(ValueError, match=r"t must be a number or a tensor of shape \(2,\)"):
         ours(x, torch.rand(3), codes, cond, ref_mel)
+    with pytest.raises(ValueError, match=r"guidance=0.5 needs conditioning built with prepare\(..., guided=True\)"):
+        ours.velocity(x, t, ours.prepare(codes, cond, ref_mel), guidance=0.5)
     with pytest.raises(ValueError, match="mel contains NaN"):
         flow_matching_loss(ours, torch.full_like(x, float("nan")), codes, cond, ref_mel)
     with pytest.raises(ValueError, match=r"mel must have shape \(2, 16, 80\)"):
