@@ -69,16 +69,23 @@ class Token2Wav(nn.Module):
         self.code2wav_bigvgan_model = BigVGAN(cfg.vocoder)
 
     # -- offline -----------------------------------------------------------------------------------------------
+    def ode_settings(self, steps=None, guidance=None, sway=None, solver=None) -> dict:
+        """The DiT sampler settings: the given ones, else the config's (official: RK4, 10 points, 0.5, -1)."""
+        d = self.cfg.dit
+        return dict(steps=d.ode_steps if steps is None else steps, guidance=d.guidance if guidance is None else guidance,
+                    sway=d.sway if sway is None else sway, solver=d.ode_solver if solver is None else solver)
+
     @torch.no_grad()
-    def forward(self, codes: torch.Tensor, cond: torch.Tensor, ref_mel: torch.Tensor, *, steps: int = 10,
-                guidance: float = 0.5, sway: float = -1.0, solver: str = "rk4", noise: FrameNoise | None = None,
-                return_mel: bool = False):
+    def forward(self, codes: torch.Tensor, cond: torch.Tensor, ref_mel: torch.Tensor, *, steps: int | None = None,
+                guidance: float | None = None, sway: float | None = None, solver: str | None = None,
+                noise: FrameNoise | None = None, return_mel: bool = False):
         """codes (1, N), cond (1, enc_emb_dim), ref_mel (1, T_ref, mel) -> wav (1, 2N * hop) [and mel (1, 2N, mel)]."""
         _check_codes(codes, self.cfg)
         T = codes.shape[1] * self.cfg.dit.repeats
         noise = noise or FrameNoise(0, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
-        mel = self.code2wav_dit_model.sample(codes, cond.float(), ref_mel.float(), steps, guidance, sway, solver,
-                                             noise=noise.get(0, T).to(ref_mel.device))          # (1, T, mel)
+        mel = self.code2wav_dit_model.sample(codes, cond.float(), ref_mel.float(),
+                                             noise=noise.get(0, T).to(ref_mel.device),
+                                             **self.ode_settings(steps, guidance, sway, solver))  # (1, T, mel)
         wav = self.code2wav_bigvgan_model(mel.transpose(1, 2))                                  # (1, T * hop)
         return (wav, mel) if return_mel else wav
 
@@ -113,12 +120,12 @@ class Token2Wav(nn.Module):
 class Token2WavStream:
     """State of one streamed utterance (see the module docstring for the recipe)."""
 
-    def __init__(self, t2w: Token2Wav, cond, ref_mel, *, steps: int = 10, guidance: float = 0.5, sway: float = -1.0,
-                 solver: str = "rk4", noise: FrameNoise | None = None, chunk_blocks: int = 3, past_blocks: int = 2,
-                 future_blocks: int = 1):
+    def __init__(self, t2w: Token2Wav, cond, ref_mel, *, steps: int | None = None, guidance: float | None = None,
+                 sway: float | None = None, solver: str | None = None, noise: FrameNoise | None = None,
+                 chunk_blocks: int = 3, past_blocks: int = 2, future_blocks: int = 1):
         d = t2w.cfg.dit
         self.t2w, self.cond, self.ref_mel = t2w, cond.float(), ref_mel.float()
-        self.ode = dict(steps=steps, guidance=guidance, sway=sway, solver=solver)
+        self.ode = t2w.ode_settings(steps, guidance, sway, solver)
         self.noise = noise or FrameNoise(0, d.mel_dim, d.block_size)
         self.rep = d.repeats
         self.chunk, self.past, self.fut = (n * d.block_size for n in (chunk_blocks, past_blocks, future_blocks))
