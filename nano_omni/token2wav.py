@@ -28,6 +28,7 @@ frames [0, c - right). `first_packet_codes()` returns that number for any config
 """
 from __future__ import annotations
 
+import time
 from typing import Iterable, Iterator
 
 import torch
@@ -136,6 +137,7 @@ class Token2WavStream:
         self.done = 0                          # mel frames finalised by the DiT
         self.emitted = 0                       # mel frames whose samples have left
         self.codes_at_chunk: list[int] = []
+        self.marks: list[tuple[str, float]] = []   # ("mel" | "pcm", time.perf_counter()) when each chunk was final
 
     def mel(self) -> torch.Tensor:
         return torch.cat(self.mels, 1)
@@ -170,6 +172,7 @@ class Token2WavStream:
                                                   **self.ode)
         self.mels.append(mel[:, lo - a_code * rep: hi - a_code * rep])        # (1, hi - lo, mel)
         self.done = hi
+        self.marks.append(("mel", time.perf_counter()))
 
     def _vocode(self, final: bool) -> list[torch.Tensor]:
         stop = self.done if final else self.done - self.right
@@ -181,6 +184,7 @@ class Token2WavStream:
         out = wav[0, (self.emitted - a) * self.hop: (stop - a) * self.hop]
         self.emitted = stop
         self.codes_at_chunk.append(self.codes.shape[1])
+        self.marks.append(("pcm", time.perf_counter()))
         return [out]
 
 
