@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .config import OmniConfig
 from .decoder import Decoder, KVCache
-from .layers import check_ids, check_tensor
+from .layers import check_finite, check_ids, check_tensor
 from .sampling import SamplingConfig, make_generator, sample_next
 from .tmrope import decode_positions
 
@@ -85,6 +85,9 @@ class Talker(nn.Module):
             check_tensor(name, t, 3, last=d)
             if t.shape[:2] != (B, n):
                 raise ValueError(f"{name} must have shape ({B}, {n}, {d}), got {tuple(t.shape)}")
+        for name, t in (("prompt_hidden", prompt_hidden), ("prompt_embeds", prompt_embeds),
+                        ("speaker_embed", speaker_embed), ("first_reply", first_reply)):
+            check_finite(name, t)
         dev = prompt_embeds.device
         pad_bos = self.model.embed_tokens(torch.tensor([tc.codec_pad, tc.codec_bos], device=dev))   # (2, d)
         x = torch.cat([prompt_hidden + prompt_embeds,

@@ -159,5 +159,9 @@ def test_bad_input(pair):
         m.prompt(x["hidden"], x["embeds"], x["spk"][:, :0], x["r0"], x["pos"], x["deltas"], x["mask"])
     with pytest.raises(ValueError, match="positions must have shape"):
         m.prompt(x["hidden"], x["embeds"], x["spk"], x["r0"], x["pos"][:, :, :-1], x["deltas"], x["mask"])
+    bad = x["hidden"].clone()
+    bad[0, 2, 5] = float("nan")
+    with pytest.raises(ValueError, match="prompt_hidden contains NaN or infinite values"):
+        m.prompt(bad, x["embeds"], x["spk"], x["r0"], x["pos"], x["deltas"], x["mask"])
     with pytest.raises(ValueError, match=r"codes holds id 9999, outside the vocabulary"):
         m.codec_embed(torch.tensor([[1, 9999]]))
