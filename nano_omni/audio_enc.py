@@ -236,11 +236,16 @@ class AudioEncoder(nn.Module):
         self.cfg = cfg
         self.conv1 = nn.Conv1d(cfg.n_mels, cfg.d_model, kernel_size=3, padding=1)
         self.conv2 = nn.Conv1d(cfg.d_model, cfg.d_model, kernel_size=3, stride=2, padding=1)
-        self.register_buffer("positional_embedding", sinusoids(cfg.max_source_positions, cfg.d_model), persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.audio_bos_eos_token = nn.Embedding(2, cfg.output_dim)        # in the checkpoint, unused
         self.layers = nn.ModuleList(AudioLayer(cfg) for _ in range(cfg.n_layer))
         self.ln_post = nn.LayerNorm(cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.output_dim)
+
+    def derived_buffers(self) -> dict:
+        """Buffers computed from the config, never stored in a checkpoint (rebuilt after a meta-device load)."""
+        return {"positional_embedding": sinusoids(self.cfg.max_source_positions, self.cfg.d_model)}
 
     @staticmethod
     def token_count(mel_frames: int) -> int:

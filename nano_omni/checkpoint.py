@@ -66,13 +66,7 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], *, pref
     unexpected = sorted(set(incoming) - set(own))
     shapes = sorted(f"{k}: checkpoint {tuple(incoming[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(incoming) if tuple(incoming[k].shape) != tuple(own[k].shape))
-    problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
-        if items:
-            shown = items if len(items) <= 20 else items[:20] + [f"... and {len(items) - 20} more"]
-            problems.append(f"{len(items)} {title} key(s):\n    " + "\n    ".join(shown))
-    if problems:
-        raise CheckpointError(f"cannot load {source}:\n  " + "\n  ".join(problems))
+    report_problems(missing, unexpected, shapes, source)
     with torch.no_grad():
         params = dict(module.named_parameters(remove_duplicate=False))
         bufs = dict(module.named_buffers(remove_duplicate=False))
@@ -83,6 +77,17 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], *, pref
                 _assign(module, name, v)
             else:
                 target.copy_(v.to(target.dtype))
+
+
+def report_problems(missing: list[str], unexpected: list[str], shapes: list[str], source: str) -> None:
+    """Raise one CheckpointError that lists every missing, unexpected and mis-shaped key (20 of each shown)."""
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shapes)):
+        if items:
+            shown = items if len(items) <= 20 else items[:20] + [f"... and {len(items) - 20} more"]
+            problems.append(f"{len(items)} {title} key(s):\n    " + "\n    ".join(shown))
+    if problems:
+        raise CheckpointError(f"cannot load {source}:\n  " + "\n  ".join(problems))
 
 
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:

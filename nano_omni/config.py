@@ -371,9 +371,11 @@ class OmniConfig:
         return type(self).from_dict(d)
 
     @classmethod
-    def from_hf_config(cls, hf: dict, enable_audio_output: bool | None = None) -> "OmniConfig":
-        """Read an official Qwen2.5-Omni `config.json` (a dict). See `_from_hf` below for the field mapping."""
-        return _from_hf(cls, hf, enable_audio_output)
+    def from_hf_config(cls, hf: dict, enable_audio_output: bool | None = None,
+                       tokens: SpecialTokens | None = None) -> "OmniConfig":
+        """Read an official Qwen2.5-Omni `config.json` (a dict). Special ids that config.json does not name come
+        from `tokens` (the tokenizer's), else the official ones. See `_from_hf` below for the field mapping."""
+        return _from_hf(cls, hf, enable_audio_output, tokens)
 
 
 def _build(cls, d: dict, where: str):
@@ -534,7 +536,7 @@ def _rope(d: dict) -> tuple[float, list[int] | None]:
     return float(theta), rp.get("mrope_section")
 
 
-def _from_hf(cls, hf: dict, enable_audio_output):
+def _from_hf(cls, hf: dict, enable_audio_output, tokens=None):
     if not isinstance(hf, dict):
         raise TypeError(f"from_hf_config expects the parsed config.json (a dict), got {type(hf).__name__}")
     mt = hf.get("model_type")
@@ -609,17 +611,20 @@ def _from_hf(cls, hf: dict, enable_audio_output):
             resblock_kernel_sizes=list(bv.get("resblock_kernel_sizes", [3, 7, 11])),
             resblock_dilation_sizes=[list(x) for x in bv.get("resblock_dilation_sizes", [[1, 3, 5]] * 3)],
         )
-    tokens = SpecialTokens(
-        audio_pad=_pick(th, "audio_token_index", "audio_token_id", default=151646),
-        image_pad=_pick(th, "image_token_index", "image_token_id", default=151655),
-        video_pad=_pick(th, "video_token_index", "video_token_id", default=151656),
-        audio_bos=th.get("audio_start_token_id", 151647), audio_eos=th.get("audio_end_token_id", 151648),
-        vision_bos=_pick(tk, "vision_start_token_id", default=151652),
-        vision_eos=_pick(tk, "vision_end_token_id", default=151653),
-        tts_text_pad=_pick(tk, "tts_text_pad_token_id", default=151859),
-        tts_text_bos=_pick(tk, "tts_text_start_token_id", default=151860),
-        tts_text_eos=_pick(tk, "tts_text_end_token_id", default=151861),
-    )
+    # ids written in config.json win; the others come from `tokens` (e.g. read from the tokenizer files) or
+    # default to the official ones
+    found = {
+        "audio_pad": _pick(th, "audio_token_index", "audio_token_id"),
+        "image_pad": _pick(th, "image_token_index", "image_token_id"),
+        "video_pad": _pick(th, "video_token_index", "video_token_id"),
+        "audio_bos": _pick(th, "audio_start_token_id"), "audio_eos": _pick(th, "audio_end_token_id"),
+        "vision_bos": _pick(th, "vision_start_token_id") or _pick(tk, "vision_start_token_id"),
+        "vision_eos": _pick(th, "vision_end_token_id") or _pick(tk, "vision_end_token_id"),
+        "tts_text_pad": _pick(tk, "tts_text_pad_token_id"), "tts_text_bos": _pick(tk, "tts_text_start_token_id"),
+        "tts_text_eos": _pick(tk, "tts_text_end_token_id"),
+    }
+    base = dataclasses.asdict(tokens) if tokens is not None else dataclasses.asdict(SpecialTokens())
+    tokens = SpecialTokens(**{**base, **{k: v for k, v in found.items() if v is not None}})
     if enable_audio_output is None:
         enable_audio_output = bool(hf.get("enable_audio_output", True)) and bool(tk)
     return cls(thinker=thinker, audio=audio, vision=vision, talker=talker, dit=dit, vocoder=vocoder, tokens=tokens,

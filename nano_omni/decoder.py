@@ -101,7 +101,12 @@ class Decoder(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.embed_dim)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict:
+        """Buffers computed from the config, never stored in a checkpoint (rebuilt after a meta-device load)."""
+        return {"inv_freq": rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)}
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, key_valid: torch.Tensor | None = None,
                 cache: KVCache | None = None) -> torch.Tensor:

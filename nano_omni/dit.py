@@ -211,8 +211,13 @@ class DiT(nn.Module):
         self.transformer_blocks = nn.ModuleList([DiTBlock(cfg) for _ in range(cfg.n_layer)])
         self.norm_out = AdaLNZero(cfg.d_model, 2)    # NB: (scale, shift) here, the reverse of the blocks' order
         self.proj_out = nn.Linear(cfg.d_model, cfg.mel_dim)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta), persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
         self.reset_parameters()
+
+    def derived_buffers(self) -> dict:
+        """Buffers computed from the config, never stored in a checkpoint (rebuilt after a meta-device load)."""
+        return {"inv_freq": rope_inv_freq(self.cfg.head_dim, self.cfg.rope_theta)}
 
     def reset_parameters(self):
         """AdaLN-Zero init (DiT paper): zero modulation and output layers, so the untrained net outputs v = 0."""

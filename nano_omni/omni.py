@@ -204,6 +204,11 @@ class Omni(nn.Module):
                     return
                 k += 1
 
+        tc = self.cfg.talker
+        # never let the Talker pick an id the DiT cannot read (the reference only suppresses codec_bos; a trained
+        # model gives the other special ids ~0 probability, a fresh one does not)
+        unreadable = [i for i in range(self.cfg.dit.num_embeds + 1, tc.vocab_size) if i not in (tc.codec_pad, tc.codec_eos)]
+        talker_kw = {"suppress_ids": sorted({tc.codec_bos, *unreadable}), **talker_kw}
         for code in self.talker.stream(prompt, text_track(), seed=seed, **talker_kw):
             while text_events:
                 yield "text", text_events.pop(0)
@@ -256,14 +261,11 @@ class Omni(nn.Module):
             return OmniOutput(tokens, None, [])
         codes_t = torch.stack(codes, 1)
         v = self.voice(voice)
+        t2w_kw = dict(t2w_kw or {})
+        noise = t2w_kw.pop("noise", None) or FrameNoise(seed, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
         wavs = []
         for row in codes_t:
             stop = ((row == tc.codec_pad) | (row == tc.codec_eos)).nonzero()
             n = int(stop[0]) if len(stop) else row.shape[0]
-            if n == 0:
-                wavs.append(torch.zeros(0))
-                continue
-            wavs.append(self.token2wav(row[None, :n], v.cond, v.ref_mel, noise=FrameNoise(seed, self.cfg.dit.mel_dim,
-                                                                                            self.cfg.dit.block_size),
-                                       **(t2w_kw or {}))[0])
+            wavs.append(self.token2wav(row[None, :n], v.cond, v.ref_mel, noise=noise, **t2w_kw)[0] if n else torch.zeros(0))
         return OmniOutput(tokens, codes_t, wavs)

@@ -79,13 +79,15 @@ class Token2Wav(nn.Module):
     @torch.no_grad()
     def forward(self, codes: torch.Tensor, cond: torch.Tensor, ref_mel: torch.Tensor, *, steps: int | None = None,
                 guidance: float | None = None, sway: float | None = None, solver: str | None = None,
-                noise: FrameNoise | None = None, return_mel: bool = False):
-        """codes (1, N), cond (1, enc_emb_dim), ref_mel (1, T_ref, mel) -> wav (1, 2N * hop) [and mel (1, 2N, mel)]."""
+                noise: FrameNoise | torch.Tensor | None = None, return_mel: bool = False):
+        """codes (1, N), cond (1, enc_emb_dim), ref_mel (1, T_ref, mel) -> wav (1, 2N * hop) [and mel (1, 2N, mel)].
+
+        noise: a FrameNoise (default: seed 0) or the starting noise itself, (1, 2N, mel)."""
         _check_codes(codes, self.cfg)
         T = codes.shape[1] * self.cfg.dit.repeats
-        noise = noise or FrameNoise(0, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
-        mel = self.code2wav_dit_model.sample(codes, cond.float(), ref_mel.float(),
-                                             noise=noise.get(0, T).to(ref_mel.device),
+        if not isinstance(noise, torch.Tensor):
+            noise = (noise or FrameNoise(0, self.cfg.dit.mel_dim, self.cfg.dit.block_size)).get(0, T)
+        mel = self.code2wav_dit_model.sample(codes, cond.float(), ref_mel.float(), noise=noise.to(ref_mel.device),
                                              **self.ode_settings(steps, guidance, sway, solver))  # (1, T, mel)
         wav = self.code2wav_bigvgan_model(mel.transpose(1, 2))                                  # (1, T * hop)
         return (wav, mel) if return_mel else wav

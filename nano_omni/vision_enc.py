@@ -169,7 +169,12 @@ class VisionEncoder(nn.Module):
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.n_layer))
         self.merger = PatchMerger(cfg)
         # 2-D rope: the first half of the angles follow the row, the second the column, head_dim/4 freqs each
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim // 2, cfg.rope_theta), persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict:
+        """Buffers computed from the config, never stored in a checkpoint (rebuilt after a meta-device load)."""
+        return {"inv_freq": rope_inv_freq(self.cfg.head_dim // 2, self.cfg.rope_theta)}
 
     def check_inputs(self, pixel_values, grid_thw) -> torch.Tensor:
         """Validate at the boundary; returns grid_thw as a CPU long tensor."""

@@ -154,7 +154,12 @@ class AntiAliasedSnakeBeta(nn.Module):
     def __init__(self, channels: int):
         super().__init__()
         self.act = SnakeBeta(channels)
-        self.register_buffer("filter", kaiser_sinc_filter(0.25, 0.3, 12).view(1, 1, 12), persistent=False)
+        for name, value in self.derived_buffers().items():
+            self.register_buffer(name, value, persistent=False)
+
+    def derived_buffers(self) -> dict:
+        """The filter is computed, never stored in a checkpoint (rebuilt after a meta-device load)."""
+        return {"filter": kaiser_sinc_filter(0.25, 0.3, 12).view(1, 1, 12)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return downsample2x(self.act(upsample2x(x, self.filter)), self.filter)

@@ -244,3 +244,20 @@ def hf_talker(cfg: OmniConfig, seed: int = 0):
 
     torch.manual_seed(seed)
     return randomize_(Qwen2_5OmniTalkerForConditionalGeneration(hf_talker_config(cfg)).eval(), seed)
+
+
+def hf_omni(cfg: OmniConfig, seed: int = 0):
+    """A whole tiny transformers Qwen2.5-Omni (Thinker, Talker, Token2Wav) with every parameter random."""
+    from transformers import Qwen2_5OmniConfig
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniForConditionalGeneration
+
+    bv = cfg.vocoder
+    c = Qwen2_5OmniConfig(
+        thinker_config=hf_thinker_config(cfg).to_dict(), talker_config=hf_talker_config(cfg).to_dict(),
+        token2wav_config=dict(dit_config=hf_dit_config(cfg).to_dict(), bigvgan_config=dict(
+            mel_dim=bv.mel_dim, upsample_initial_channel=bv.upsample_initial_channel,
+            resblock_kernel_sizes=list(bv.resblock_kernel_sizes),
+            resblock_dilation_sizes=[list(d) for d in bv.resblock_dilation_sizes],
+            upsample_rates=list(bv.upsample_rates), upsample_kernel_sizes=list(bv.upsample_kernel_sizes))))
+    torch.manual_seed(seed)
+    return randomize_(Qwen2_5OmniForConditionalGeneration(c).eval(), seed)
