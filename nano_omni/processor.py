@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio_enc import load_audio, log_mel
+from .audio_enc import log_mel
+from .audio_io import load_audio
 from .config import OmniConfig
 from .tmrope import audio_in_video_layout, audio_token_count, get_rope_index
 from .tokenizer import DEFAULT_SYSTEM, chat_template
