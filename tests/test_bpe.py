@@ -26,6 +26,7 @@ NON_SPECIAL = ["<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>"
                "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<|音频|>"]
 STRIPPED = "<mask>"            # special, lstrip + rstrip: swallows the whitespace around it
 NORMALIZED = "cafe\u0301!"     # non-special, normalized: matched in the NFC text (where it reads "café!")
+PREFIX = "<|im_end"            # non-special, a prefix of a special token: the longer match must win
 
 WORDS = ("the quick brown fox jumps over lazy dogs it's we're they've I'm you'll he'd DON'T "
          "def main(): return x + 1 if __name__ == '__main__': print(f'{x:>8}') {} [] <> // # -> => "
@@ -57,7 +58,8 @@ def files(tmp_path_factory):
     tok.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIALS])
     tok.add_tokens([AddedToken(s, special=False, normalized=False) for s in NON_SPECIAL])
     tok.add_special_tokens([AddedToken(STRIPPED, special=True, lstrip=True, rstrip=True, normalized=False)])
-    tok.add_tokens([AddedToken(NORMALIZED, special=False, normalized=True)])
+    tok.add_tokens([AddedToken(NORMALIZED, special=False, normalized=True),
+                    AddedToken(PREFIX, special=False, normalized=False)])
 
     root = tmp_path_factory.mktemp("bpe")
     (root / "json").mkdir()
@@ -97,7 +99,7 @@ def test_loaders_agree_on_the_vocabulary(toks):
 
 # Random multilingual text: any assigned Unicode character (see the gap noted in bpe.py's header), with the
 # tokenizer's hard cases mixed in: special tokens and fragments of them, contractions, line breaks, wide spaces.
-PIECES = SPECIALS + NON_SPECIAL + [STRIPPED, NORMALIZED, "café!", "<|im_", "|>", "'s", "'LL", "'ſ", "\r\n",
+PIECES = SPECIALS + NON_SPECIAL + [STRIPPED, NORMALIZED, PREFIX, "café!", "<|im_", "|>", "'s", "'LL", "'ſ", "\r\n",
                                    "\n\n", "  ", "\u3000", "\x1c", "e\u0301", "😀", "2024"] + WORDS
 TEXT = st.lists(st.one_of(st.text(st.characters(exclude_categories=("Cs", "Cn")), max_size=12),
                           st.sampled_from(PIECES), st.sampled_from(SPACES)), max_size=12).map("".join)
