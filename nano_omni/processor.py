@@ -123,9 +123,14 @@ def _read_video_file(path: Path):
 class Processor:
     """Turns conversations into OmniInputs. `tokenizer` has `.encode(text)` with special tokens."""
 
-    def __init__(self, cfg: OmniConfig, tokenizer, *, video_fps: float = 2.0, max_audio_seconds: float | None = None):
+    def __init__(self, cfg: OmniConfig, tokenizer, *, video_fps: float = 2.0, max_audio_seconds: float | None = None,
+                 image_pixels: tuple[int, int] | None = None, video_pixels: tuple[int, int] | None = None):
+        """image_pixels / video_pixels: (min, max) pixel budget per image / per frame (defaults: the official
+        budgets in vision_io: images 4..16384 tokens, video frames 128..768 tokens of 28x28 pixels)."""
         self.cfg, self.tok, self.video_fps = cfg, tokenizer, video_fps
         self.max_audio_seconds = cfg.audio.max_seconds if max_audio_seconds is None else max_audio_seconds
+        self.image_pixels = image_pixels or (None, None)
+        self.video_pixels = video_pixels or (None, None)
 
     def __call__(self, conversations, *, use_audio_in_video: bool = False, system: str | None = DEFAULT_SYSTEM,
                  add_generation_prompt: bool = True, padding_side: str = "left") -> OmniInputs:
@@ -148,13 +153,14 @@ class Processor:
                     mels.append(mel)
                     expansion.append([tk.audio_pad] * audio_token_count(mel.shape[1]))
                 elif kind == "image":
-                    pv, grid = preprocess_image(it.get("image"), self.cfg.vision)
+                    pv, grid = preprocess_image(it.get("image"), self.cfg.vision, *self.image_pixels)
                     images.append(pv)
                     image_grids.append(grid)
                     expansion.append([tk.image_pad] * (int(grid.prod()) // self.cfg.vision.merge_unit))
                 else:
                     frames, fps, wav = load_video(it.get("video"), it.get("fps"), it.get("audio"))
-                    pv, grid, spg = preprocess_video(frames, self.cfg.vision, fps, self.video_fps)
+                    pv, grid, spg = preprocess_video(frames, self.cfg.vision, fps, self.video_fps,
+                                                     min_pixels=self.video_pixels[0], max_pixels=self.video_pixels[1])
                     videos.append(pv)
                     video_grids.append(grid)
                     spgs.append(spg)
@@ -214,6 +220,27 @@ class Processor:
             else:
                 out.append(t)
         return out
+
+    def collate(self, items: list[OmniInputs], padding_side: str = "right") -> OmniInputs:
+        """Join single-conversation OmniInputs into one padded batch (positions are recomputed for the batch)."""
+        if not items:
+            raise ValueError("collate needs at least one item")
+        if len({it.use_audio_in_video for it in items}) > 1:
+            raise ValueError("collate: items disagree on use_audio_in_video")
+        rows, mels, images, igrids, videos, vgrids, spgs = [], [], [], [], [], [], []
+        for it in items:
+            for b in range(it.input_ids.shape[0]):
+                rows.append(it.input_ids[b][it.attention_mask[b].bool()].tolist())
+            if it.audio_features is not None:
+                mels += list(it.audio_features.split(it.audio_lengths.tolist(), dim=1))
+            if it.pixel_values is not None:
+                images.append(it.pixel_values)
+                igrids.append(it.image_grid_thw)
+            if it.pixel_values_videos is not None:
+                videos.append(it.pixel_values_videos)
+                vgrids.append(it.video_grid_thw)
+                spgs += it.second_per_grid.tolist()
+        return self._batch(rows, mels, images, igrids, videos, vgrids, spgs, items[0].use_audio_in_video, padding_side)
 
     def _batch(self, rows, mels, images, image_grids, videos, video_grids, spgs, aiv, side) -> OmniInputs:
         T = max(len(r) for r in rows)

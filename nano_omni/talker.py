@@ -112,6 +112,8 @@ class Talker(nn.Module):
         """
         tc = self.cfg.talker
         kw = dict(TALKER_SAMPLING, stop_ids=[tc.codec_pad, tc.codec_eos], suppress_ids=[tc.codec_bos])
+        if sampling_kw.get("do_sample") is False:      # greedy: the default sampling knobs do not apply
+            kw.update(temperature=1.0, top_k=0, top_p=1.0)
         kw.update(sampling_kw)
         cfg = sampling or SamplingConfig(**kw)
         stop_ids = cfg.stop_ids or [tc.codec_pad, tc.codec_eos]

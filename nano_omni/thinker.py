@@ -7,8 +7,8 @@ Paper: Qwen2.5-Omni sections 2.1-2.3. Reference 1.1, 3d.
 
 The encoders are handed in by `omni.py` (`audio_tower`, `visual`); this file never imports them, it only scatters
 what they return. `generate()`/`stream()` return, beside the tokens, the two things the Talker reads for every
-token: the input embedding E(x) (with zeros at media placeholders, as in the official model) and the final hidden
-state H(x).
+token: the input embedding E(x) and the final hidden state H(x). (E still holds the media features here;
+omni.py zeroes the media rows before the Talker reads them, as the official model does.)
 
 Simplifications: no sliding-window layers (the official config disables them); dropout is not modelled.
 """

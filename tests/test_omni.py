@@ -11,6 +11,7 @@ from nano_omni.processor import Processor
 from nano_omni.talker import reply_text_track
 from nano_omni.tmrope import get_rope_index
 from nano_omni.tokenizer import ByteTokenizer
+from test_token2wav import unclamp_
 
 CFG = get_config("tiny")
 TK, TC = CFG.tokens, CFG.talker
@@ -27,6 +28,7 @@ def model():
         for p in m.token2wav.code2wav_dit_model.parameters():
             if p.ndim > 1:
                 p.add_(torch.randn_like(p) * 0.3 / p.shape[1] ** 0.5)
+        unclamp_(m.token2wav)
     g = torch.Generator().manual_seed(1)
     m.voices = {"amy": Voice(300, torch.randn(1, CFG.dit.enc_emb_dim, generator=g), torch.randn(1, 100, 80, generator=g))}
     return m
@@ -79,6 +81,7 @@ def test_generate_and_stream_give_the_same_text_and_speech(model):
     assert torch.equal(text, out.tokens)
     n_codes = int(((out.codes[0] == TC.codec_pad) | (out.codes[0] == TC.codec_eos)).long().argmax()) or out.codes.shape[1]
     assert out.wav[0].shape[0] == n_codes * CFG.dit.repeats * CFG.vocoder.hop_length
+    assert float(out.wav[0].std()) > 1e-3                   # a waveform that moves, not a clamped constant
     torch.testing.assert_close(pcm, out.wav[0], rtol=0, atol=1e-5)
     kinds = [k for k, _ in events]
     assert kinds.index("audio") > kinds.index("text")          # text first, then speech, as it is produced
