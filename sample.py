@@ -1,36 +1,177 @@
-"""Sample from nano_omni.
+"""Talk to a nano_omni model: ask with text, audio, an image or a video; get text and, if you like, speech.
 
-Today this runs the tiny Thinker: a ChatML prompt in, greedy text out. With no trained checkpoint (none is
-shipped yet) the weights are random, so the reply is noise; the point is the plumbing: tokenizer -> TMRoPE ids
--> Thinker with KV cache -> tokens, with shapes printed.
-
-    python sample.py --prompt "What is 2 + 3?" --max-new-tokens 16 --seed 0
+    python sample.py                                            # the shipped tiny model says hello (out.wav)
+    python sample.py --text "three seven one" --voice slt --out out.wav     # speak exactly this text
+    python sample.py --prompt "what is two plus three?"                      # a text answer
+    python sample.py --audio tiny_data/speech/slt-0001.flac                  # "what does the voice say?"
+    python sample.py --image tiny_data/images/test-0000.png --prompt "what shape is this?" --speak
+    python sample.py --video tiny_data/video/test-0000.npz --prompt "what colour was the shape when the voice said now?"
+    python sample.py --text "red circle" --stream                            # write audio as it is produced
+    python sample.py --checkpoint DIR ...                                    # another model: a run of train_tiny.py
+                                                                              # or an official Qwen2.5-Omni directory
+A video is a folder of frames (with audio.wav), an .npz of frames (with the .flac beside it), or a video file
+(needs PyAV). Audio is written at 24 kHz; files are written atomically (a partial file is never left behind).
 """
-import argparse
+from __future__ import annotations
 
+import argparse
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
 import torch
 
-from nano_omni.config import get_config
-from nano_omni.thinker import Thinker
-from nano_omni.tokenizer import ByteTokenizer
+SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "tiny"
 
 
-def main():
+def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompt", default="What is 2 + 3?")
-    ap.add_argument("--max-new-tokens", type=int, default=16)
+    ap.add_argument("--checkpoint", default=str(SHIPPED), help="model directory (default: the shipped tiny model)")
+    ap.add_argument("--text", help="speak exactly this text")
+    ap.add_argument("--prompt", help="a question or instruction")
+    ap.add_argument("--audio", help="an audio file to ask about")
+    ap.add_argument("--image", help="an image file to ask about")
+    ap.add_argument("--video", help="a video (folder of frames, .npz of frames, or a video file)")
+    ap.add_argument("--fps", type=float, default=2.0, help="frame rate of a folder or .npz of frames")
+    ap.add_argument("--speak", action="store_true", help="also speak the answer")
+    ap.add_argument("--stream", action="store_true", help="stream: write audio as it is produced")
+    ap.add_argument("--voice", help="voice name (default: the model's first)")
+    ap.add_argument("--out", default="out.wav", help="where speech is written")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
-    if not a.prompt.strip():
-        raise SystemExit("--prompt must not be empty")
-    cfg = get_config("tiny")
-    torch.manual_seed(a.seed)
-    model = Thinker(cfg).eval()
-    tok = ByteTokenizer(cfg.tokens, cfg.thinker.vocab_size)
-    ids = torch.tensor([tok.chat([{"role": "user", "content": a.prompt}])])
-    out = model.generate(ids, max_new_tokens=a.max_new_tokens)
-    print(f"prompt ids {tuple(ids.shape)}, reply ids {tuple(out.tokens.shape)}, hidden {tuple(out.hidden.shape)}")
-    print("reply (random weights, untrained):", repr(tok.decode(out.tokens[0], skip_special=True)))
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for the tiny model)")
+    ap.add_argument("--device", default="auto")
+    a = ap.parse_args(argv)
+    if a.text is not None and not a.text.strip():
+        ap.error("--text is empty: give the words to speak")
+    if a.prompt is not None and not a.prompt.strip():
+        ap.error("--prompt is empty")
+    if a.text and (a.audio or a.image or a.video or a.prompt):
+        ap.error("--text speaks a text; it cannot be combined with --prompt, --audio, --image or --video")
+    return a
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work if the output cannot be written (nothing is created by the check)."""
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise SystemExit(f"cannot write {path}: the folder {parent} does not exist")
+    if path.is_dir():
+        raise SystemExit(f"cannot write {path}: it is a folder")
+    import os
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SystemExit(f"cannot write {path}: permission denied")
+
+
+def write_wav(path: Path, wav: torch.Tensor, sr: int) -> None:
+    import soundfile as sf
+    from nano_omni.checkpoint import atomic_write_bytes
+
+    buf = io.BytesIO()
+    sf.write(buf, wav.float().clamp(-1, 1).cpu().numpy(), sr, format="WAV", subtype="PCM_16")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def main(argv=None):
+    a = parse(sys.argv[1:] if argv is None else argv)
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    speaking = bool(a.text) or a.speak or a.stream or not (a.prompt or a.audio or a.image or a.video)
+    if speaking:
+        check_writable(out)
+
+    from nano_omni.data import IMAGE_PIXELS, VIDEO_PIXELS
+    from nano_omni.pretrained import load_model
+    from nano_omni.processor import Processor
+    from nano_omni.tokenizer import DEFAULT_SYSTEM, SPEECH_SYSTEM, chat_template
+    from nano_omni.training import pick_device
+
+    ck = Path(a.checkpoint)
+    if not ck.is_dir():
+        hint = " (run `python train_tiny.py` to make one)" if ck == SHIPPED else ""
+        raise SystemExit(f"no model at {ck}{hint}")
+    device = pick_device(a.device)
+    model, tok = load_model(ck, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
+    if tok is None:
+        raise SystemExit(f"{ck} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    cfg = model.cfg
+    tiny = cfg.thinker.vocab_size < 1024                          # our byte-level models: no system prompt
+    system = None if tiny else (SPEECH_SYSTEM if speaking else DEFAULT_SYSTEM)
+    if speaking:
+        if not getattr(model, "voices", None):
+            raise SystemExit(f"{ck} has no voices, so it cannot speak (text answers still work without --speak)")
+        if a.voice is not None and a.voice not in model.voices:
+            raise SystemExit(f"unknown voice {a.voice!r}; this model has {', '.join(sorted(model.voices))}")
+    voice = a.voice or next(iter(getattr(model, "voices", {}) or {"": None}))
+
+    # -- speak a given text ----------------------------------------------------------------------------------
+    if a.text or not (a.prompt or a.audio or a.image or a.video):
+        text = a.text or "hello there"
+        prompt = tok.encode(chat_template([{"role": "user", "content": f"say: {text}"}], system=system))
+        t0 = time.perf_counter()
+        codes, wav = model.say(torch.tensor([prompt], device=device), tok.encode(text), voice, seed=a.seed)
+        if wav.numel() == 0:
+            raise SystemExit("the Talker stopped before making any sound; try another --seed")
+        write_wav(out, wav, cfg.vocoder.sample_rate)
+        print(f"{voice} says {text!r}: {len(codes)} codes, {wav.numel() / cfg.vocoder.sample_rate:.2f} s of audio "
+              f"in {time.perf_counter() - t0:.2f} s -> {out}")
+        return
+
+    # -- ask ---------------------------------------------------------------------------------------------------
+    items = []
+    if a.audio:
+        items.append({"type": "audio", "audio": a.audio})
+    if a.image:
+        items.append({"type": "image", "image": a.image})
+    aiv = False
+    if a.video:
+        v = Path(a.video)
+        if v.suffix == ".npz":
+            frames = np.load(v)["frames"]
+            snd = v.with_suffix(".flac")
+            items.append({"type": "video", "video": frames, "fps": a.fps, **({"audio": str(snd)} if snd.is_file() else {})})
+            aiv = snd.is_file()
+        else:
+            items.append({"type": "video", "video": str(v), "fps": a.fps})
+            aiv = (v / "audio.wav").is_file() if v.is_dir() else True
+    question = a.prompt or ("what does the voice say?" if a.audio and not (a.image or a.video) else "describe it")
+    items.append(question)
+    proc = Processor(cfg, tok, **({"image_pixels": IMAGE_PIXELS, "video_pixels": VIDEO_PIXELS} if tiny else {}))
+    x = proc([{"role": "user", "content": items}], use_audio_in_video=aiv, system=system).to(device)
+    t0 = time.perf_counter()
+    if not (a.speak or a.stream):
+        gen = model.thinker.generate_from(x, max_new_tokens=a.max_new_tokens)
+        print(tok.decode([t for t in gen.tokens[0].tolist() if t != cfg.tokens.pad], skip_special=True).strip())
+        return
+    part = out.with_name(out.name + ".part")
+    first_text = first_pcm = None
+    text_ids, pcm = [], []
+    import soundfile as sf
+    with sf.SoundFile(str(part), "w", samplerate=cfg.vocoder.sample_rate, channels=1, subtype="PCM_16", format="WAV") as f:
+        for kind, val in model.stream(x, voice, seed=a.seed, thinker_kw={"max_new_tokens": a.max_new_tokens}):
+            now = time.perf_counter() - t0
+            if kind == "text":
+                first_text = now if first_text is None else first_text
+                text_ids.append(int(val[0]))
+                if a.stream:
+                    print(tok.decode([text_ids[-1]], skip_special=True), end="", flush=True)
+            else:
+                first_pcm = now if first_pcm is None else first_pcm
+                f.write(val.float().clamp(-1, 1).cpu().numpy())     # audio reaches the file as it is produced
+                f.flush()
+                pcm.append(val)
+    part.replace(out)
+    answer = tok.decode([t for t in text_ids if t != cfg.tokens.pad], skip_special=True).strip()
+    print(("\n" if a.stream else "") + answer)
+    if first_pcm is None:
+        print("(no speech was produced)")
+    else:
+        n = sum(p.numel() for p in pcm)
+        print(f"first text token after {1e3 * first_text:.0f} ms, first audio after {1e3 * first_pcm:.0f} ms "
+              f"({1e3 * (first_pcm - first_text):.0f} ms after the first text token); {n / cfg.vocoder.sample_rate:.2f} s "
+              f"of audio -> {out}")
 
 
 if __name__ == "__main__":

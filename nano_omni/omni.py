@@ -218,6 +218,39 @@ class Omni(nn.Module):
         for st in steps:                                       # the Thinker may still have text to finish
             yield "text", st.token
 
+    # -- speaking a given text -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def say(self, prompt_ids: torch.Tensor, reply_ids: list[int], voice: str | None = None, *, seed: int = 0,
+            talker_kw: dict | None = None, t2w_kw: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speak `reply_ids` as the reply to the text prompt `prompt_ids` (1, T): the reply is fed to the Thinker
+        (not generated), so exactly that text is spoken. Returns (codes (N,), wav (samples,))."""
+        if not reply_ids:
+            raise ValueError("there is nothing to say: the reply text is empty")
+        v = self.voice(voice)
+        tk, tc = self.cfg.tokens, self.cfg.talker
+        dev = prompt_ids.device
+        T = prompt_ids.shape[1]
+        ids = torch.cat([prompt_ids, torch.tensor([reply_ids], device=dev)], 1)
+        out = self.thinker(ids)
+        rows = out.hidden + out.embeds                                            # H + E, (1, T + R, d)
+        spk = self.thinker.model.embed_tokens(torch.tensor([[v.bos_id]], device=dev))
+        text_ids = torch.cat([prompt_ids, torch.tensor([[v.bos_id, reply_ids[0]]], device=dev)], 1)
+        pos, deltas = get_rope_index(text_ids, tk)
+        prompt = self.talker.prompt(out.hidden[:, :T], out.embeds[:, :T], spk, rows[:, T: T + 1], pos, deltas)
+        eos_pad = self.thinker.model.embed_tokens(torch.tensor([tk.tts_text_eos, tk.tts_text_pad], device=dev))
+        from .talker import reply_text_track
+        track = reply_text_track(rows[:, T:], torch.tensor([len(reply_ids)], device=dev), eos_pad[0], eos_pad[1])
+        unreadable = [i for i in range(self.cfg.dit.num_embeds + 1, tc.vocab_size) if i not in (tc.codec_pad, tc.codec_eos)]
+        kw = {"suppress_ids": sorted({tc.codec_bos, *unreadable}), **(talker_kw or {})}
+        codes = self.talker.generate(prompt, track, seed=seed, **kw)[0]
+        stop = ((codes == tc.codec_pad) | (codes == tc.codec_eos)).nonzero()
+        codes = codes[: int(stop[0])] if len(stop) else codes
+        if codes.numel() == 0:
+            return codes, torch.zeros(0)
+        t2w_kw = dict(t2w_kw or {})
+        noise = t2w_kw.pop("noise", None) or FrameNoise(seed, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
+        return codes, self.token2wav(codes[None], v.cond, v.ref_mel, noise=noise, **t2w_kw)[0]
+
     # -- public API --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def stream(self, inputs: OmniInputs, voice: str | None = None, *, seed: int = 0, thinker_kw: dict | None = None,

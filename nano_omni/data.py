@@ -1,0 +1,205 @@
+"""The toy data (tiny_data/) as the training script and the evaluation read it.
+
+    load_examples(split)  the understanding tasks: one dict per example (see tiny_data/README.md)
+    conversation(ex)      -> ChatML messages with the example's media items, and its answer
+    ThinkerData           examples -> processed prompts + answer ids, cached once; batches with labels
+    load_speech(split)    the utterances (speaker, transcript, 24-kHz waveform) for the speech half
+
+Every problem in the data is reported with the file (and line or example id) it comes from: a missing or corrupt
+manifest or media file, an empty split, an unknown task, a missing field, a character outside the data's
+alphabet.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio_io import load_audio
+from .processor import OmniInputs, Processor
+
+ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
+TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour", "text_add", "text_copy",
+         "text_count")
+ALPHABET = re.compile(r"^[a-z :?.,']*$")      # questions, answers and transcripts are lower-case words
+SYSTEM = None                                 # the tiny models are trained without a system prompt
+IMAGE_PIXELS = (84 * 84, 84 * 84)             # the toy images stay at their own size: 3x3 tokens
+VIDEO_PIXELS = (56 * 56, 56 * 56)             # video frames: 2x2 tokens per frame pair
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist (run tiny_data/make_data.py?)")
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+    return rows
+
+
+def _check_text(where: str, field: str, text) -> None:
+    if not isinstance(text, str) or not ALPHABET.match(text):
+        raise ValueError(f"{where}: {field} {text!r} holds characters outside the data's alphabet [a-z :?.,']")
+
+
+def load_examples(split: str, root: str | Path = ROOT, tasks=None) -> list[dict]:
+    """The examples of `split` ("train" or "test"), optionally only `tasks`. Media paths stay relative to root."""
+    root = Path(root)
+    path = root / f"{split}.jsonl"
+    rows = _read_jsonl(path)
+    out = []
+    for i, ex in enumerate(rows, 1):
+        where = f"{path}, line {i} ({ex.get('id', '?')})"
+        if ex.get("task") not in TASKS:
+            raise ValueError(f"{where}: unknown task {ex.get('task')!r}; known: {', '.join(TASKS)}")
+        for field in ("id", "question", "answer"):
+            if field not in ex:
+                raise ValueError(f"{where}: missing field {field!r}")
+        _check_text(where, "question", ex["question"])
+        _check_text(where, "answer", ex["answer"])
+        media = [ex.get("audio"), ex.get("image")] + [(ex.get("video") or {}).get(k) for k in ("frames", "audio")]
+        for m in media:
+            if m is not None and not (root / m).is_file():
+                raise FileNotFoundError(f"{where}: media file {root / m} does not exist")
+        if tasks is None or ex["task"] in tasks:
+            out.append(ex)
+    if not out:
+        raise ValueError(f"{path}: the split holds no examples" + (f" for tasks {sorted(tasks)}" if tasks else ""))
+    return out
+
+
+def conversation(ex: dict, root: str | Path = ROOT) -> tuple[list[dict], str, bool]:
+    """(messages for the Processor, answer text, use_audio_in_video) for one example."""
+    root = Path(root)
+    items = []
+    if ex.get("audio"):
+        items.append({"type": "audio", "audio": str(root / ex["audio"])})
+    if ex.get("image"):
+        items.append({"type": "image", "image": str(root / ex["image"])})
+    aiv = False
+    if ex.get("video"):
+        v = ex["video"]
+        try:
+            frames = np.load(root / v["frames"])["frames"]
+        except Exception as e:
+            raise ValueError(f"{root / v['frames']}: cannot read the video frames ({e})") from None
+        items.append({"type": "video", "video": frames, "fps": v["fps"], "audio": str(root / v["audio"])})
+        aiv = True
+    items.append(ex["question"])
+    return [{"role": "user", "content": items}], ex["answer"], aiv
+
+
+@dataclass
+class Example:
+    inputs: OmniInputs        # the whole conversation, answers included, one row
+    answer_spans: list        # [(start, end)] token ranges of every answer (with its <|im_end|>)
+    task: str
+    answer: str               # the last answer
+
+    @property
+    def n_prompt(self) -> int:
+        """Tokens before the last answer: the prompt the model must complete."""
+        return self.answer_spans[-1][0]
+
+
+def answer_spans(ids: list[int], im_start: int, im_end: int, assistant: list[int]) -> list[tuple[int, int]]:
+    """Token ranges of the assistant answers: after <|im_start|>assistant\n, up to and including <|im_end|>."""
+    spans, head = [], [im_start] + assistant
+    i = 0
+    while i < len(ids):
+        if ids[i: i + len(head)] == head:
+            a = i + len(head)
+            b = ids.index(im_end, a) + 1 if im_end in ids[a:] else len(ids)
+            spans.append((a, b))
+            i = b
+        else:
+            i += 1
+    return spans
+
+
+def multi_turn(examples: list[dict], root: str | Path = ROOT) -> tuple[list[dict], bool]:
+    """Several examples as one conversation, turn after turn: a longer, multi-item prompt (training stage 3)."""
+    msgs, aiv = [], False
+    for ex in examples:
+        m, answer, v = conversation(ex, root)
+        msgs += m + [{"role": "assistant", "content": answer}]
+        aiv = aiv or v
+    return msgs, aiv
+
+
+class ThinkerData:
+    """Processed conversations, cached once, and labelled batches. Labels are -100 except on the answers and
+    their <|im_end|>: the Thinker learns to write answers, not to predict questions.
+
+    examples: dicts from load_examples (one turn each), or lists of them (one multi-turn conversation each)."""
+
+    def __init__(self, examples: list, processor: Processor, tokenizer, root: str | Path = ROOT):
+        self.proc, self.tok = processor, tokenizer
+        self.items: list[Example] = []
+        tk = processor.cfg.tokens
+        assistant = tokenizer.encode("assistant\n")
+        for ex in examples:
+            group = ex if isinstance(ex, list) else [ex]
+            msgs, aiv = multi_turn(group, root)
+            try:
+                x = processor([msgs], use_audio_in_video=aiv, system=SYSTEM, add_generation_prompt=False)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"example {group[-1]['id']}: {e}") from None
+            x.use_audio_in_video = True             # harmless for rows without video; lets every row share a batch
+            spans = answer_spans(x.input_ids[0].tolist(), tk.im_start, tk.im_end, assistant)
+            self.items.append(Example(x, spans, group[-1]["task"], group[-1]["answer"]))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def batch(self, idx: list[int]) -> tuple[OmniInputs, torch.Tensor]:
+        """(inputs, labels (B, T)) for the items `idx`, right-padded."""
+        items = [self.items[i] for i in idx]
+        x = self.proc.collate([it.inputs for it in items], padding_side="right")
+        labels = torch.full_like(x.input_ids, -100)
+        for b, it in enumerate(items):
+            for a, e in it.answer_spans:
+                labels[b, a: e] = x.input_ids[b, a: e]
+        return x, labels
+
+    def prompts(self, idx: list[int]) -> OmniInputs:
+        """The prompts of the items `idx` (everything before their last answer), left-padded for generation."""
+        out = []
+        for i in idx:
+            it = self.items[i]
+            p = OmniInputs(**{**it.inputs.__dict__})
+            p.input_ids = it.inputs.input_ids[:, : it.n_prompt]
+            p.attention_mask = torch.ones_like(p.input_ids)
+            out.append(p)
+        return self.proc.collate(out, padding_side="left")
+
+
+def load_speech(split: str | None = None, root: str | Path = ROOT, sample_rate: int = 24000, speakers=None) -> list[dict]:
+    """Utterances from speech.jsonl: dicts with speaker, transcript, split and 'wav' ((n,) at `sample_rate`)."""
+    root = Path(root)
+    path = root / "speech.jsonl"
+    rows = _read_jsonl(path)
+    out = []
+    for i, r in enumerate(rows, 1):
+        where = f"{path}, line {i} ({r.get('id', '?')})"
+        for field in ("speaker", "transcript", "audio", "split"):
+            if field not in r:
+                raise ValueError(f"{where}: missing field {field!r}")
+        _check_text(where, "transcript", r["transcript"])
+        if (split is None or r["split"] == split) and (speakers is None or r["speaker"] in speakers):
+            try:
+                wav = load_audio(root / r["audio"], target_rate=sample_rate)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"{where}: {e}") from None
+            out.append({**r, "wav": wav})
+    if not out:
+        raise ValueError(f"{path}: no utterances for split={split!r}, speakers={speakers!r}")
+    return out

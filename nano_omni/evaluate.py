@@ -1,0 +1,204 @@
+"""Evaluate a trained tiny model on the held-out split of tiny_data.
+
+    python -m nano_omni.evaluate                               # runs/tiny/checkpoint; prints a table and a JSON line
+    python -m nano_omni.evaluate --checkpoint DIR --write-readme README.md
+
+1. Understanding: exact-match accuracy per task (greedy answers).
+2. Speech: every voice speaks every held-out transcript (Thinker -> Talker -> DiT -> BigVGAN, the official sampling
+   defaults with a fixed seed); the trained Thinker transcribes it back; word error rate per voice. Also the mel
+   distance (DTW-aligned mean absolute difference of log mels) to the real recording of that text by that voice.
+3. Vocoder vs Griffin-Lim: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim -> transcribed ->
+   word error rate, and the mel distance to the original.
+The README's results table is written by --write-readme, between the markers it already holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio_io import resample
+from .data import IMAGE_PIXELS, ROOT, SYSTEM, VIDEO_PIXELS, ThinkerData, load_examples, load_speech
+from .mel import griffin_lim
+from .processor import Processor
+from .tokenizer import chat_template
+
+ASR_QUESTION = "what does the voice say?"
+
+
+def word_error_rate(ref: str, hyp: str) -> float:
+    """Word-level edit distance / number of reference words.
+
+    >>> word_error_rate("three seven one", "three seven"), word_error_rate("red", "red")
+    (0.3333333333333333, 0.0)
+    """
+    r, h = ref.split(), hyp.split()
+    d = list(range(len(h) + 1))
+    for i, rw in enumerate(r, 1):
+        prev, d[0] = d[0], i
+        for j, hw in enumerate(h, 1):
+            prev, d[j] = d[j], min(d[j] + 1, d[j - 1] + 1, prev + (rw != hw))
+    return d[len(h)] / max(1, len(r))
+
+
+def dtw_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean |a_i - b_j| (per mel bin) along the cheapest monotone alignment of frames a (Ta, m) and b (Tb, m)."""
+    cost = torch.cdist(a.float(), b.float(), p=1).numpy() / a.shape[1]
+    Ta, Tb = cost.shape
+    acc = np.full((Ta + 1, Tb + 1), np.inf)
+    steps = np.zeros((Ta + 1, Tb + 1))
+    acc[0, 0] = 0.0
+    for i in range(1, Ta + 1):
+        for j in range(1, Tb + 1):
+            k = int(np.argmin((acc[i - 1, j - 1], acc[i - 1, j], acc[i, j - 1])))
+            pi, pj = ((i - 1, j - 1), (i - 1, j), (i, j - 1))[k]
+            acc[i, j] = cost[i - 1, j - 1] + acc[pi, pj]
+            steps[i, j] = steps[pi, pj] + 1
+    return float(acc[Ta, Tb] / steps[Ta, Tb])
+
+
+def _clean(tok, ids) -> str:
+    tk = tok.tokens
+    keep = [int(i) for i in ids if int(i) not in (tk.pad, tk.im_end)]
+    return tok.decode(keep, skip_special=True).strip()
+
+
+@torch.no_grad()
+def answers(model, data: ThinkerData, idx: list[int], max_new_tokens: int = 24, batch: int = 32) -> list[str]:
+    out = []
+    for k in range(0, len(idx), batch):
+        x = data.prompts(idx[k: k + batch])
+        gen = model.thinker.generate_from(x, max_new_tokens=max_new_tokens)
+        out += [_clean(data.tok, row) for row in gen.tokens]
+    return out
+
+
+@torch.no_grad()
+def transcribe(model, proc: Processor, wavs_24k: list[torch.Tensor], batch: int = 16) -> list[str]:
+    """The Thinker as a speech recogniser: 24-kHz waveforms -> their text."""
+    texts = []
+    for k in range(0, len(wavs_24k), batch):
+        convs = [[{"role": "user", "content": [{"type": "audio", "audio": (resample(w, 24000, 16000).numpy(), 16000)},
+                                                ASR_QUESTION]}] for w in wavs_24k[k: k + batch]]
+        x = proc(convs, system=SYSTEM)
+        gen = model.thinker.generate_from(x, max_new_tokens=40)
+        texts += [_clean(proc.tok, row) for row in gen.tokens]
+    return texts
+
+
+def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
+    """A 24-kHz waveform of `voice` saying `text` (the tiny models' speaking prompt, as in training)."""
+    from .data import SYSTEM as system
+
+    prompt = tok.encode(chat_template([{"role": "user", "content": f"say: {text}"}], system=system))
+    return model.say(torch.tensor([prompt]), tok.encode(text), voice, seed=seed)[1]
+
+
+@torch.no_grad()
+def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0) -> dict:
+    model.eval()
+    cfg = model.cfg
+    proc = Processor(cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
+    t0 = time.time()
+    # 1. understanding
+    ex = load_examples("test", root)
+    by_task = defaultdict(list)
+    for e in ex:
+        by_task[e["task"]].append(e)
+    acc = {}
+    for task, items in sorted(by_task.items()):
+        items = items[:per_task] if per_task else items
+        data = ThinkerData(items, proc, tok, root)
+        got = answers(model, data, list(range(len(items))))
+        acc[task] = sum(g == e["answer"] for g, e in zip(got, items)) / len(items)
+    # 2. speech, per voice; 3. vocoder vs Griffin-Lim on the real recordings
+    utts = load_speech("test", root)
+    speech = {}
+    voc = {"bigvgan": [], "griffin_lim": []}
+    if getattr(model, "voices", None):
+        from .codec import SpeechCodec
+        mel_of = SpeechCodec(torch.zeros(1, 2 * cfg.dit.mel_dim), cfg.dit.repeats, cfg.vocoder).mel
+        for v in sorted(model.voices):
+            mine = [u for u in utts if u["speaker"] == v]
+            mine = mine[:per_voice] if per_voice else mine
+            if not mine:
+                continue
+            wavs = [speak(model, tok, u["transcript"], v, seed) for u in mine]
+            heard = transcribe(model, proc, [w if w.numel() > 2400 else torch.zeros(2400) for w in wavs])
+            wer = [word_error_rate(u["transcript"], h) for u, h in zip(mine, heard)]
+            dist = [dtw_distance(mel_of(w), mel_of(u["wav"])) for w, u in zip(wavs, mine) if w.numel() > 2400]
+            speech[v] = {"wer": float(np.mean(wer)), "mel_distance": float(np.mean(dist)) if dist else None,
+                         "n": len(mine), "examples": [{"text": u["transcript"], "heard": h} for u, h in zip(mine[:3], heard[:3])]}
+        real = utts[: (per_voice * 4) if per_voice else len(utts)]
+        mels = [mel_of(u["wav"]) for u in real]
+        bv = [model.token2wav.code2wav_bigvgan_model(m.T[None])[0] for m in mels]
+        gl = [griffin_lim(m.T[None], cfg.vocoder)[0] for m in mels]
+        for name, ws in (("bigvgan", bv), ("griffin_lim", gl)):
+            heard = transcribe(model, proc, ws)
+            voc[name] = {"wer": float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, heard)])),
+                         "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
+        asr_real = transcribe(model, proc, [u["wav"] for u in real])
+        voc["real_recordings_wer"] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real)]))
+    return {"accuracy": acc, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
+
+
+def table(res: dict) -> str:
+    lines = ["| held-out task | exact match |", "|---|---:|"]
+    lines += [f"| {t} | {100 * a:.1f} % |" for t, a in res["accuracy"].items()]
+    if res["speech"]:
+        lines += ["", "| voice | word error rate of generated speech | mel distance to the recording |", "|---|---:|---:|"]
+        for v, s in res["speech"].items():
+            md = "–" if s["mel_distance"] is None else f"{s['mel_distance']:.3f}"
+            lines.append(f"| {v} | {100 * s['wer']:.1f} % | {md} |")
+    if res["vocoder"].get("bigvgan"):
+        lines += ["", "| real recordings, mel -> | word error rate | mel distance |", "|---|---:|---:|"]
+        for name in ("bigvgan", "griffin_lim"):
+            lines.append(f"| {name} | {100 * res['vocoder'][name]['wer']:.1f} % | {res['vocoder'][name]['mel_distance']:.3f} |")
+        lines.append(f"| (the recordings themselves) | {100 * res['vocoder']['real_recordings_wer']:.1f} % | 0 |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, text: str) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    doc = path.read_text()
+    if begin not in doc or end not in doc:
+        raise ValueError(f"{path} has no {begin} ... {end} markers to write the results between")
+    head, rest = doc.split(begin, 1)
+    atomic_write_bytes(path, (head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]).encode())
+
+
+def main(argv=None):
+    from .pretrained import load_model
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default="runs/tiny/checkpoint")
+    ap.add_argument("--per-task", type=int, default=0, help="examples per task (0: all)")
+    ap.add_argument("--per-voice", type=int, default=0, help="utterances per voice (0: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--write-readme", metavar="README", help="write the table into this file between its markers")
+    ap.add_argument("--json", metavar="PATH", help="also save the full results here")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, tok = load_model(a.checkpoint, dtype=torch.float32)
+    res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed)
+    text = table(res)
+    print(text)
+    if a.write_readme:
+        write_readme(Path(a.write_readme), f"Measured by `python -m nano_omni.evaluate --checkpoint {a.checkpoint}`:\n\n"
+                                           + text)
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

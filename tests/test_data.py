@@ -1,0 +1,114 @@
+"""tiny_data reading (every broken-data case named) and the k-means speech codec."""
+import json
+import shutil
+
+import pytest
+import torch
+
+from nano_omni.codec import SpeechCodec
+from nano_omni.config import get_config
+from nano_omni.data import ROOT, ThinkerData, answer_spans, load_examples, load_speech
+from nano_omni.processor import Processor
+from nano_omni.tokenizer import ByteTokenizer
+
+CFG = get_config("tiny")
+
+
+@pytest.fixture()
+def data_copy(tmp_path):
+    """A small copy of tiny_data: a few examples per split, with the files they use."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for split in ("train", "test"):
+        rows = [json.loads(l) for l in (ROOT / f"{split}.jsonl").read_text().splitlines()]
+        keep, seen = [], set()
+        for r in rows:
+            if r["task"] not in seen:
+                seen.add(r["task"])
+                keep.append(r)
+        (root / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in keep) + "\n")
+        for r in keep:
+            for rel in [r.get("audio"), r.get("image")] + [(r.get("video") or {}).get(k) for k in ("frames", "audio")]:
+                if rel:
+                    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(ROOT / rel, root / rel)
+    speech = [json.loads(l) for l in (ROOT / "speech.jsonl").read_text().splitlines()][:3]
+    (root / "speech.jsonl").write_text("\n".join(json.dumps(r) for r in speech) + "\n")
+    for r in speech:
+        (root / r["audio"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / r["audio"], root / r["audio"])
+    return root
+
+
+def _edit(path, fn):
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    rows = fn(rows)
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+
+
+def test_examples_make_labelled_batches(data_copy):
+    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
+    ex = load_examples("train", data_copy)
+    assert {e["task"] for e in ex} == {"asr", "image_shape", "image_colour", "image_count", "video_cue_colour",
+                                       "text_add", "text_copy", "text_count"}
+    d = ThinkerData(ex[:3], Processor(CFG, tok), tok, data_copy)
+    x, labels = d.batch([0, 1, 2])
+    for b in range(3):
+        assert tok.decode(x.input_ids[b][labels[b] != -100]) == ex[b]["answer"] + "<|im_end|>"
+
+
+def test_answer_spans():
+    ids = [9, 1, 5, 6, 7, 2, 9, 1, 5, 8, 2]          # <s> a: 6 7 </s>, <s> a: 8 </s>
+    assert answer_spans(ids, 1, 2, [5]) == [(3, 6), (9, 11)]
+
+
+def test_broken_data_is_named(data_copy):
+    _edit(data_copy / "train.jsonl", lambda rows: rows + [{**rows[0], "id": "bad-1", "audio": "speech/none.flac"}])
+    with pytest.raises(FileNotFoundError, match=r"bad-1.*media file .*none\.flac does not exist"):
+        load_examples("train", data_copy)
+    (data_copy / "test.jsonl").write_text('{"id": 1, "task": "asr"\n')
+    with pytest.raises(ValueError, match=r"test\.jsonl, line 1: not valid JSON"):
+        load_examples("test", data_copy)
+    (data_copy / "test.jsonl").write_text("")
+    with pytest.raises(ValueError, match="the split holds no examples"):
+        load_examples("test", data_copy)
+    (data_copy / "test.jsonl").write_text(json.dumps({"id": "q", "task": "text_copy", "question": "copy: Hello!",
+                                                      "answer": "Hello!"}) + "\n")
+    with pytest.raises(ValueError, match=r"question 'copy: Hello!' holds characters outside the data's alphabet"):
+        load_examples("test", data_copy)
+    (data_copy / "test.jsonl").write_text(json.dumps({"id": "q", "task": "juggling", "question": "a", "answer": "b"}) + "\n")
+    with pytest.raises(ValueError, match="unknown task 'juggling'"):
+        load_examples("test", data_copy)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_examples("valid", data_copy)
+
+
+def test_broken_speech_is_named(data_copy):
+    first = json.loads((data_copy / "speech.jsonl").read_text().splitlines()[0])
+    (data_copy / first["audio"]).write_bytes(b"not a flac file")
+    with pytest.raises(ValueError, match=rf"speech\.jsonl, line 1 .*cannot read audio file .*{first['audio']}"):
+        load_speech(None, data_copy)
+    _edit(data_copy / "speech.jsonl", lambda rows: [{**rows[1], "transcript": "Ça va?"}])
+    with pytest.raises(ValueError, match="transcript 'Ça va\\?' holds characters outside"):
+        load_speech(None, data_copy)
+
+
+def test_codec_is_deterministic_and_round_trips(tmp_path):
+    utts = load_speech("test", speakers={"slt"})[:6]
+    proto = SpeechCodec(torch.zeros(1, 160), 2, CFG.vocoder)
+    mels = [proto.mel(u["wav"]) for u in utts]
+    a = SpeechCodec.fit(mels, 32, iters=8, vocoder=CFG.vocoder)
+    b = SpeechCodec.fit(mels, 32, iters=8, vocoder=CFG.vocoder)
+    assert torch.equal(a.centroids, b.centroids)
+    codes = a.encode(utts[0]["wav"])
+    assert codes.shape[0] == mels[0].shape[0] // 2 and int(codes.max()) < 32
+    rec = a.decode_mel(codes)
+    err = float((rec - mels[0][: rec.shape[0]]).pow(2).mean())
+    assert err < 0.5 * float(mels[0].var())                  # the centroids explain most of the spectrum
+    a.save(tmp_path / "c.safetensors")
+    assert torch.equal(SpeechCodec.load(tmp_path / "c.safetensors").encode(utts[0]["wav"]), codes)
+    (tmp_path / "bad.safetensors").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a valid codec file"):
+        SpeechCodec.load(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"codes must be a 1-D tensor of ids in \[0, 32\)"):
+        a.decode_mel(torch.tensor([40]))

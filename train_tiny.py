@@ -1,0 +1,614 @@
+"""Train a tiny Qwen2.5-Omni on the toy data in tiny_data/, stage by stage, on a laptop CPU.
+
+The paper's recipe (sections 3 and 4), at toy scale:
+  1 encoders    the audio and vision encoders learn to talk to a frozen LLM: their projections first, then all
+  2 multimodal  everything unfrozen on every task (speech, images, video with sound, text)
+  3 long        longer prompts: several items answered turn after turn in one conversation
+  4 talker      the Talker learns codes from (Thinker hidden states + reply embeddings), speech-continuation style
+  5 dpo         optional: the Talker prefers the sample the Thinker transcribes better (DPO loss written out)
+  6 dit         the flow-matching DiT learns codes -> mel with speaker conditioning
+  7 vocoder     BigVGAN learns mel -> waveform (mel L1 + multi-resolution STFT losses)
+
+    python train_tiny.py                          # stages 1-4, 6, 7 into runs/tiny (~30 min on 2 CPU cores)
+    python train_tiny.py --quick --out /tmp/q      # a few steps of everything (the tests use it)
+    python train_tiny.py --stage 4 --stage 6       # only these stages (the earlier ones must have run)
+    python train_tiny.py --resume                  # continue a killed run; losses repeat exactly
+    python train_tiny.py --thinker.n_layer=3 --train.s2_steps=2000     # typed overrides, unknown keys refused
+    python train_tiny.py --positions=sequential    # the TMRoPE lesson: plain 1-D positions instead
+    torchrun --nproc_per_node=2 train_tiny.py      # data parallel (gloo on CPU, nccl on CUDA)
+
+The run directory holds checkpoint/ (model.safetensors, config.json, codec.safetensors, voices.safetensors,
+progress.json; atomic), logs/ (a CSV, a JSON summary and an SVG loss plot per stage).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from nano_omni.codec import SpeechCodec
+from nano_omni.config import OmniConfig, get_config, parse_override
+from nano_omni.data import (IMAGE_PIXELS, ROOT, SYSTEM, VIDEO_PIXELS, ThinkerData, load_examples, load_speech)
+from nano_omni.dit import flow_matching_loss
+from nano_omni.mel import mel_loss, multi_resolution_stft_loss
+from nano_omni.omni import Omni, Voice, save_voices
+from nano_omni.pretrained import load_model
+from nano_omni.processor import Processor
+from nano_omni.tmrope import text_positions
+from nano_omni.tokenizer import ByteTokenizer, chat_template
+from nano_omni.training import (StageLog, all_sum, autocast, checkpoint_dir, clear_stage_state, cosine_lr,
+                                dist_info, init_distributed, load_stage_state, local_share, pick_device,
+                                save_run_checkpoint, step_generator, step_indices, token_mean_loss)
+
+STAGES = {1: "encoders", 2: "multimodal", 3: "long", 4: "talker", 5: "dpo", 6: "dit", 7: "vocoder"}
+DEFAULT_STAGES = [1, 2, 3, 4, 6, 7]
+SPEAKERS = ("slt", "rms", "awb", "kal16")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 50
+    s1_proj_steps: int = 60
+    s1_enc_steps: int = 90
+    s2_steps: int = 1300
+    s3_steps: int = 120
+    s3_items: int = 3              # examples per conversation in stage 3
+    s4_steps: int = 500
+    s4_batch_size: int = 16
+    s4_lr: float = 2e-3
+    s5_steps: int = 40
+    s5_beta: float = 0.1
+    s6_steps: int = 700
+    s6_batch_size: int = 16
+    s6_lr: float = 1e-3
+    s6_frames: int = 192           # training crops of the DiT, mel frames
+    s7_steps: int = 700
+    s7_batch_size: int = 8
+    s7_lr: float = 1e-3
+    s7_frames: int = 32            # vocoder training segments, mel frames
+    ckpt_every: int = 100
+    stop_after_steps: int = 0      # stop this invocation after so many steps, as if killed (0: never)
+    subset: int = 0                # use only this many examples per task / utterances (0: all)
+
+
+QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s2_steps=4, s3_steps=2, s4_steps=3,
+             s4_batch_size=4, s5_steps=2, s6_steps=3, s6_batch_size=4, s6_frames=96, s7_steps=3, s7_batch_size=2,
+             s7_frames=16, ckpt_every=2, subset=6)
+
+
+def model_config(preset: str) -> OmniConfig:
+    """The preset, sized for the toy tasks: the tiny preset's Thinker is widened to 128 (4 layers)."""
+    cfg = get_config(preset)
+    if preset == "tiny":
+        cfg = cfg.replace(**{"thinker.d_model": 128, "thinker.n_layer": 4, "thinker.n_head": 4, "thinker.n_kv_head": 2,
+                             "thinker.d_ff": 384, "thinker.mrope_section": [4, 6, 6], "audio.output_dim": 128,
+                             "vision.out_dim": 128, "talker.embed_dim": 128, "name": "tiny"})
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+class Run:
+    """Everything a stage needs: configs, the model, the data handles, the run directory."""
+
+    def __init__(self, args, cfg: OmniConfig, tcfg: TrainConfig):
+        self.args, self.cfg, self.t = args, cfg, tcfg
+        self.dir = Path(args.out)
+        self.device = pick_device(args.device)
+        init_distributed(self.device)
+        self.rank, self.world = dist_info()
+        self.tok = ByteTokenizer(cfg.tokens, cfg.thinker.vocab_size)
+        self.proc = Processor(cfg, self.tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
+        self.progress: list[int] = []
+        self.codec: SpeechCodec | None = None
+        self.stage_files = None          # a stage may add files to its checkpoints: () -> {name: bytes}
+        ck = checkpoint_dir(self.dir)
+        if ck.is_dir() and (ck / "model.safetensors").is_file():
+            saved = json.loads((ck / "config.json").read_text())
+            if OmniConfig.from_dict(saved) != cfg:
+                raise SystemExit(f"{ck} holds a model of another configuration; use a new --out or the same settings")
+            self.model, _ = load_model(ck, dtype=torch.float32)
+            self.progress = json.loads((ck / "progress.json").read_text())["done"]
+            if (ck / "codec.safetensors").is_file():
+                self.codec = SpeechCodec.load(ck / "codec.safetensors")
+            if not args.resume and not args.stage:
+                raise SystemExit(f"{self.dir} already holds a run (stages done: {self.progress}); pass --resume to "
+                                 f"continue it, --stage N to (re)run stages, or choose another --out")
+        else:
+            torch.manual_seed(tcfg.seed)
+            self.model = Omni(cfg)
+        self.model.to(self.device)
+
+    def save(self, stage_state=None) -> None:
+        files = {"progress.json": json.dumps({"done": self.progress}).encode(), **(self.stage_files() if self.stage_files else {})}
+        for name in ("codec.safetensors", "voices.safetensors"):
+            p = self.dir / name
+            if p.is_file():
+                files[name] = p.read_bytes()
+        save_run_checkpoint(self.dir, self.model, self.cfg.to_dict(), files, stage_state)
+
+    def loop(self, stage: int, name: str, params, steps: int, lr: float, loss_fn, module: nn.Module) -> dict:
+        """The training loop every stage shares: AdamW, warm-up + cosine, clipping, logs, resumable checkpoints.
+
+        loss_fn(step, module) -> (term to backpropagate, loss value for the log).
+        Under torchrun the module is wrapped in DDP, or sharded with FSDP (--fsdp: parameters, gradients and
+        optimizer state split across the processes, for presets too big for one device)."""
+        wrapped = module
+        if self.world > 1 and self.args.fsdp:
+            wrapped = shard(module)
+        elif self.world > 1:
+            wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
+        params = [p for p in (module.parameters() if self.args.fsdp else params) if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        start = 0
+        if self.args.resume and not self.args.fsdp:
+            meta = load_stage_state(self.dir, name, opt)
+            start = meta["step"] if meta else 0
+        log = StageLog(self.dir, f"{stage}_{name}", resume_step=start)
+        bar = tqdm(range(start, steps), desc=f"stage {stage} {name}", disable=self.rank != 0, dynamic_ncols=True)
+        done_here = 0
+        for step in bar:
+            lr_t = cosine_lr(step, steps, lr, min(self.t.warmup, max(1, steps // 10)))
+            for g in opt.param_groups:
+                g["lr"] = lr_t
+            with autocast(self.device):
+                term, value = loss_fn(step, wrapped)
+            opt.zero_grad(set_to_none=True)
+            term.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            log.add(step, value, lr_t)
+            bar.set_postfix(loss=f"{value:.4f}")
+            done_here += 1
+            last = step + 1 == steps
+            killed = self.t.stop_after_steps and done_here >= self.t.stop_after_steps and not last
+            if (killed or (not last and (step + 1) % self.t.ckpt_every == 0)) and not self.args.fsdp:
+                self.save(stage_state=(name, opt, {"step": step + 1}))
+            if killed:
+                log.finish()
+                raise SystemExit(f"stopped after {done_here} steps of stage {stage} (--train.stop_after_steps)")
+        summary = log.finish()
+        clear_stage_state(self.dir, name)
+        return summary
+
+
+def shard(module: nn.Module) -> nn.Module:
+    """FSDP2: every Transformer block becomes its own shard unit, then the rest of the module. The module is sharded
+    in place (its parameters become DTensors split across the processes); gradients are reduce-scattered."""
+    from torch.distributed.fsdp import fully_shard
+
+    from nano_omni.decoder import DecoderLayer
+    for m in module.modules():
+        if isinstance(m, DecoderLayer):
+            fully_shard(m)
+    fully_shard(module)
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages 1-3: the Thinker.
+# ----------------------------------------------------------------------------------------------------------------
+def _subset(examples: list[dict], n: int) -> list[dict]:
+    if not n:
+        return examples
+    per: dict[str, list] = {}
+    for ex in examples:
+        per.setdefault(ex["task"], []).append(ex)
+    return [ex for group in per.values() for ex in group[:n]]
+
+
+def _speech_subset(utts: list[dict], n: int) -> list[dict]:
+    """The first n utterances of every voice (all of them for n = 0)."""
+    if not n:
+        return utts
+    count: dict[str, int] = {}
+    out = []
+    for u in utts:
+        count[u["speaker"]] = count.get(u["speaker"], 0) + 1
+        if count[u["speaker"]] <= n:
+            out.append(u)
+    return out
+
+
+def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool):
+    def loss_fn(step: int, module):
+        idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
+        x, labels = data.batch(idx)
+        x = x.to(run.device)
+        if sequential:   # the lesson's baseline: every token one position after the last, media or not
+            x.positions, _ = text_positions(x.attention_mask)
+        logits = module(**x.model_kwargs()).logits
+        labels = labels.to(run.device)[:, 1:]
+        loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum")
+        return token_mean_loss(loss_sum, int((labels != -100).sum()))
+    return loss_fn
+
+
+def stage_thinker(run: Run, stage: int) -> dict:
+    t, th = run.t, run.model.thinker
+    seq = run.args.positions == "sequential"
+    if stage == 1:
+        ex = _subset(load_examples("train", tasks={"asr", "image_shape", "image_colour", "image_count"}), t.subset)
+        data = ThinkerData(ex, run.proc, run.tok)
+        out = {}
+        for part, steps, trainable in (("proj", t.s1_proj_steps, [th.audio_tower.proj, th.visual.merger]),
+                                       ("enc", t.s1_enc_steps, [th.audio_tower, th.visual])):
+            th.requires_grad_(False)                                   # the LLM stays frozen throughout stage 1
+            for m in trainable:
+                m.requires_grad_(True)
+            out[part] = run.loop(1, f"encoders_{part}", th.parameters(), steps, t.lr,
+                                 thinker_loss(run, data, t.batch_size, seq), th)
+        th.requires_grad_(True)
+        return out
+    th.requires_grad_(True)
+    ex = _subset(load_examples("train"), t.subset)
+    if stage == 3:   # conversations of several items, answered turn after turn
+        rng = random.Random(t.seed + 3)
+        rng.shuffle(ex)
+        ex = [ex[i: i + t.s3_items] for i in range(0, len(ex) - t.s3_items + 1, t.s3_items)]
+    data = ThinkerData(ex, run.proc, run.tok)
+    steps = t.s2_steps if stage == 2 else t.s3_steps
+    bs = t.batch_size if stage == 2 else max(2, t.batch_size // t.s3_items)
+    return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr, thinker_loss(run, data, bs, seq), th)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage 4 (and 5): the Talker.
+# ----------------------------------------------------------------------------------------------------------------
+def speaker_ids(cfg: OmniConfig) -> dict[str, int]:
+    """Each voice starts the Talker's codec track with a token of its own: ids after the special tokens."""
+    return {s: cfg.tokens.max_id + 1 + i for i, s in enumerate(SPEAKERS)}
+
+
+def ensure_codec(run: Run, utterances: list[dict]) -> SpeechCodec:
+    if run.codec is None:
+        proto = SpeechCodec(torch.zeros(1, 2 * run.cfg.dit.mel_dim), run.cfg.dit.repeats, run.cfg.vocoder)
+        mels = [proto.mel(u["wav"]) for u in utterances]
+        run.codec = SpeechCodec.fit(mels, run.cfg.talker.codec_pad, frames_per_code=run.cfg.dit.repeats,
+                                    seed=run.t.seed, vocoder=run.cfg.vocoder)
+        if run.rank == 0:
+            run.codec.save(run.dir / "codec.safetensors")
+    return run.codec
+
+
+def tts_conversation(text: str) -> list[dict]:
+    """How the tiny model is asked to speak a text: the user asks, the assistant repeats it (the reply is spoken)."""
+    return [{"role": "user", "content": f"say: {text}"}, {"role": "assistant", "content": text}]
+
+
+@torch.no_grad()
+def talker_items(run: Run, utterances: list[dict]) -> list[dict]:
+    """Per utterance: the Talker's text track and its target codes, from one forward of the frozen Thinker."""
+    th, tk, tc = run.model.thinker, run.cfg.tokens, run.cfg.talker
+    spk = speaker_ids(run.cfg)
+    emb = th.model.embed_tokens
+    eos_pad = emb(torch.tensor([tk.tts_text_eos, tk.tts_text_pad], device=run.device))
+    items = []
+    for u in utterances:
+        ids = run.tok.encode(chat_template(tts_conversation(u["transcript"]), system=SYSTEM, add_generation_prompt=False))
+        reply = run.tok.encode(u["transcript"])
+        start = len(ids) - len(reply) - 2                                   # the reply, then <|im_end|>\n
+        x = torch.tensor([ids], device=run.device)
+        out = th(x)
+        rows = out.hidden + out.embeds                                      # H + E, (1, T, d)
+        codes = run.codec.encode(u["wav"]).to(run.device)
+        items.append(dict(prompt=rows[0, :start], prompt_ids=ids[:start], reply=rows[0, start: start + len(reply)],
+                          reply_ids=reply, spk=spk[u["speaker"]], codes=codes, eos=eos_pad[0], pad=eos_pad[1]))
+    return items
+
+
+def talker_sequence(run: Run, it: dict, codes: torch.Tensor | None = None):
+    """Inputs (L, d), positions (3, 1, L) and targets (L,) of one teacher-forced Talker sequence:
+    [prompt rows, E(speaker)+C(pad), R_0+C(bos), R_1+C(c_0), ..., R_N or E(eos)/E(pad) + C(c_N-1)] -> c_0 .. c_N-1, eos."""
+    tc = run.cfg.talker
+    talker = run.model.talker
+    codes = it["codes"] if codes is None else codes
+    N, L = codes.shape[0], len(it["reply_ids"])
+    C = talker.model.embed_tokens
+    spk = run.model.thinker.model.embed_tokens(torch.tensor([it["spk"]], device=run.device))[0]
+    text = [it["reply"][k] if k < L else (it["eos"] if k == L else it["pad"]) for k in range(N + 1)]
+    codec_in = torch.cat([torch.tensor([tc.codec_bos], device=run.device), codes])            # (N + 1,)
+    steps = torch.stack(text) + C(codec_in)                                                   # (N + 1, d)
+    x = torch.cat([it["prompt"], (spk + C.weight[tc.codec_pad])[None], steps])                # (T + 2 + N, d)
+    n = x.shape[0]
+    pos = torch.arange(n, device=run.device).view(1, 1, -1).expand(3, 1, -1)                  # text-only prompt
+    target = torch.full((n,), -100, dtype=torch.long, device=run.device)
+    target[-(N + 1):] = torch.cat([codes, torch.tensor([tc.codec_eos], device=run.device)])
+    return x, pos, target
+
+
+def talker_batch(run: Run, items: list[dict], codes_list=None):
+    seqs = [talker_sequence(run, it, None if codes_list is None else codes_list[i]) for i, it in enumerate(items)]
+    Lmax = max(s[0].shape[0] for s in seqs)
+    d = seqs[0][0].shape[1]
+    x = torch.zeros(len(seqs), Lmax, d, device=run.device)
+    pos = torch.zeros(3, len(seqs), Lmax, dtype=torch.long, device=run.device)
+    tgt = torch.full((len(seqs), Lmax), -100, dtype=torch.long, device=run.device)
+    valid = torch.zeros(len(seqs), Lmax, dtype=torch.bool, device=run.device)
+    for b, (xi, pi, ti) in enumerate(seqs):
+        n = xi.shape[0]
+        x[b, :n], pos[:, b, :n], tgt[b, :n], valid[b, :n] = xi, pi[:, 0], ti, True
+    return x, pos, tgt, valid
+
+
+def stage_talker(run: Run) -> dict:
+    t = run.t
+    utts = _speech_subset(load_speech("train"), t.subset)
+    ensure_codec(run, utts)
+    items = talker_items(run, utts)
+    run.model.thinker.requires_grad_(False)
+    talker = run.model.talker
+    talker.requires_grad_(True)
+
+    def loss_fn(step, module):
+        idx = local_share(step_indices(len(items), t.s4_batch_size, step, t.seed + 4))
+        x, pos, tgt, valid = talker_batch(run, [items[i] for i in idx])
+        logits = module(x, pos, valid)
+        loss_sum = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), ignore_index=-100,
+                                   reduction="sum")
+        return token_mean_loss(loss_sum, int((tgt != -100).sum()))
+
+    out = run.loop(4, "talker", talker.parameters(), t.s4_steps, t.s4_lr, loss_fn, talker)
+    run.model.thinker.requires_grad_(True)
+    return out
+
+
+def sequence_logprob(run: Run, talker, items, codes_list) -> torch.Tensor:
+    """log P(codes | text) of each item under `talker`, (B,): the sum over the codes and the stop code."""
+    x, pos, tgt, valid = talker_batch(run, items, codes_list)
+    logp = talker(x, pos, valid).log_softmax(-1)
+    picked = logp.gather(-1, tgt.clamp(min=0)[..., None])[..., 0]
+    return (picked * (tgt != -100)).sum(1)
+
+
+def stage_dpo(run: Run) -> dict:
+    """Direct preference optimisation (Rafailov et al. 2023), as the paper's Talker stage 2:
+        L = -log sigmoid( beta [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
+    For each text, two sampled code sequences are made into speech and transcribed by the trained Thinker; the
+    one with the lower word error rate is preferred (y_w), the other rejected (y_l). ref is a frozen copy."""
+    import copy
+
+    from nano_omni.evaluate import transcribe, word_error_rate   # the Thinker as a speech recogniser
+
+    t = run.t
+    utts = _speech_subset(load_speech("train"), t.subset or 16)
+    items = talker_items(run, utts)
+    ref = copy.deepcopy(run.model.talker).eval().requires_grad_(False)
+    pairs = []
+    voices = run.model.voices
+    for it, u in zip(items, utts):   # two samples per text, ranked by how well the Thinker hears them
+        cands = []
+        for s in range(2):
+            codes = sample_codes(run, it, seed=t.seed * 7 + s)
+            if codes.numel() < 2:
+                continue
+            v = voices[u["speaker"]]
+            wav = run.model.token2wav(codes[None], v.cond, v.ref_mel)[0]
+            heard = transcribe(run.model, run.proc, [wav])[0]
+            cands.append((word_error_rate(u["transcript"], heard), codes))
+        if len(cands) == 2 and cands[0][0] != cands[1][0]:
+            cands.sort(key=lambda c: c[0])
+            pairs.append((it, cands[0][1], cands[1][1]))
+    if not pairs:
+        return {"stage": "5_dpo", "skipped": "no pair of samples differed in word error rate"}
+    run.model.talker.requires_grad_(True)
+
+    def loss_fn(step, module):
+        idx = local_share(step_indices(len(pairs), min(4, len(pairs)), step, t.seed + 5))
+        its = [pairs[i][0] for i in idx]
+        win, lose = [pairs[i][1] for i in idx], [pairs[i][2] for i in idx]
+        with torch.no_grad():
+            ref_margin = sequence_logprob(run, ref, its, win) - sequence_logprob(run, ref, its, lose)
+        margin = sequence_logprob(run, module, its, win) - sequence_logprob(run, module, its, lose)
+        loss_sum = -F.logsigmoid(t.s5_beta * (margin - ref_margin)).sum()
+        return token_mean_loss(loss_sum, len(idx))
+
+    return run.loop(5, "dpo", run.model.talker.parameters(), t.s5_steps, t.s4_lr * 0.1, loss_fn, run.model.talker)
+
+
+@torch.no_grad()
+def sample_codes(run: Run, it: dict, seed: int, max_codes: int = 200) -> torch.Tensor:
+    """Sample one code sequence for an item with the Talker (the official sampling defaults)."""
+    from nano_omni.talker import reply_text_track
+
+    tc, tk = run.cfg.talker, run.cfg.tokens
+    T = it["prompt"].shape[0]
+    talker = run.model.talker
+    spk = run.model.thinker.model.embed_tokens(torch.tensor([[it["spk"]]], device=run.device))
+    ids = torch.tensor([it["prompt_ids"] + [it["spk"], it["reply_ids"][0]]], device=run.device)
+    pos, deltas = text_positions(torch.ones_like(ids))
+    zero = torch.zeros(1, T, it["prompt"].shape[1], device=run.device)
+    prompt = talker.prompt(zero, it["prompt"][None], spk, it["reply"][None, :1], pos.to(run.device),
+                           deltas.to(run.device))
+    track = reply_text_track(it["reply"][None], torch.tensor([len(it["reply_ids"])], device=run.device),
+                             it["eos"], it["pad"])
+    unreadable = [i for i in range(run.cfg.dit.num_embeds + 1, tc.vocab_size) if i not in (tc.codec_pad, tc.codec_eos)]
+    codes = talker.generate(prompt, track, seed=seed, max_new_tokens=max_codes,
+                            suppress_ids=sorted({tc.codec_bos, *unreadable}))[0]
+    stop = ((codes == tc.codec_pad) | (codes == tc.codec_eos)).nonzero()
+    return codes[: int(stop[0])] if len(stop) else codes
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stages 6 and 7: Token2Wav.
+# ----------------------------------------------------------------------------------------------------------------
+class DiTWithVoices(nn.Module):
+    """The DiT and one learned x-vector per training voice (the official `cond` comes from a speaker model)."""
+
+    def __init__(self, dit, n_speakers: int, dim: int, seed: int):
+        super().__init__()
+        self.dit = dit
+        self.xvectors = nn.Embedding(n_speakers, dim)
+        with torch.no_grad():
+            self.xvectors.weight.copy_(0.5 * torch.randn(n_speakers, dim, generator=torch.Generator().manual_seed(seed)))
+
+    def forward(self, mel, codes, spk, ref_mel, code_lens, generator):
+        return flow_matching_loss(self.dit, mel, codes, self.xvectors(spk), ref_mel, code_lens, drop_prob=0.1,
+                                  generator=generator)
+
+
+def speech_features(run: Run, utts: list[dict]) -> list[dict]:
+    codec = run.codec
+    out = []
+    for u in utts:
+        mel = codec.mel(u["wav"])                                           # (T, mel)
+        n = mel.shape[0] // run.cfg.dit.repeats
+        out.append(dict(mel=mel[: n * run.cfg.dit.repeats], codes=codec.encode_mel(mel)[:n], wav=u["wav"],
+                        spk=SPEAKERS.index(u["speaker"]), speaker=u["speaker"]))
+    return out
+
+
+def reference_mels(feats: list[dict], frames: int = 300) -> dict[str, torch.Tensor]:
+    """One reference mel per voice: its first utterances joined, cut to `frames` (3 s)."""
+    refs: dict[str, list] = {}
+    for f in feats:
+        refs.setdefault(f["speaker"], []).append(f["mel"])
+    return {s: torch.cat(m)[:frames] for s, m in refs.items()}
+
+
+def stage_dit(run: Run) -> dict:
+    t, d = run.t, run.cfg.dit
+    utts = _speech_subset(load_speech("train"), t.subset)
+    ensure_codec(run, utts)
+    feats = speech_features(run, utts)
+    refs = reference_mels(feats)
+    from safetensors.torch import load_file, save
+    holder = DiTWithVoices(run.model.token2wav.code2wav_dit_model, len(SPEAKERS), d.enc_emb_dim, t.seed).to(run.device)
+    xv = checkpoint_dir(run.dir) / "xvectors.safetensors"
+    if xv.is_file():                                    # a resumed stage, or the DiT trained further
+        holder.xvectors.weight.data.copy_(load_file(str(xv))["xvectors"])
+    run.stage_files = lambda: {"xvectors.safetensors": save({"xvectors": holder.xvectors.weight.detach().cpu().contiguous()})}
+    crop = t.s6_frames // d.repeats                                         # codes per crop
+
+    def loss_fn(step, module):
+        g = step_generator(t.seed, 6, step)
+        idx = local_share(step_indices(len(feats), t.s6_batch_size, step, t.seed + 6))
+        mels, codes, lens, refm, spk = [], [], [], [], []
+        for i in idx:
+            f = feats[i]
+            n = f["codes"].shape[0]
+            s = int(torch.randint(0, max(1, n - crop + 1), (1,), generator=g))
+            c = f["codes"][s: s + crop]
+            codes.append(c)
+            mels.append(f["mel"][s * d.repeats: (s + c.shape[0]) * d.repeats])
+            lens.append(c.shape[0])
+            spk.append(f["spk"])
+            r = refs[f["speaker"]]
+            r0 = int(torch.randint(0, max(1, r.shape[0] - 150), (1,), generator=g))
+            refm.append(r[r0: r0 + 150])
+        N = max(lens)
+        code_t = torch.stack([F.pad(c, (0, N - c.shape[0])) for c in codes]).to(run.device)
+        mel_t = torch.stack([F.pad(m, (0, 0, 0, N * d.repeats - m.shape[0])) for m in mels]).to(run.device)
+        ref_t = torch.stack([F.pad(r, (0, 0, 0, 150 - r.shape[0])) for r in refm]).to(run.device)
+        loss = module(mel_t, code_t, torch.tensor(spk, device=run.device), ref_t, torch.tensor(lens), g)
+        n_frames = sum(lens) * d.repeats
+        return token_mean_loss(loss * n_frames, n_frames)
+
+    out = run.loop(6, "dit", holder.parameters(), t.s6_steps, t.s6_lr, loss_fn, holder)
+    if run.rank == 0:
+        ids = speaker_ids(run.cfg)
+        voices = {s: Voice(ids[s], holder.xvectors.weight[i].detach().cpu()[None], refs[s][None].cpu())
+                  for i, s in enumerate(SPEAKERS) if s in refs}
+        save_voices(run.dir / "voices.safetensors", voices)
+        run.model.voices = voices
+    return out          # the x-vectors stay in the checkpoint (stage_files) for a later run of this stage
+
+
+def stage_vocoder(run: Run) -> dict:
+    t, hop = run.t, run.cfg.vocoder.hop_length
+    utts = _speech_subset(load_speech("train"), t.subset)
+    ensure_codec(run, utts)
+    feats = speech_features(run, utts)
+    voc = run.model.token2wav.code2wav_bigvgan_model
+    voc.requires_grad_(True)
+    seg = t.s7_frames
+
+    def loss_fn(step, module):
+        g = step_generator(t.seed, 7, step)
+        idx = local_share(step_indices(len(feats), t.s7_batch_size, step, t.seed + 7))
+        mels, wavs = [], []
+        for i in idx:
+            f = feats[i]
+            s = int(torch.randint(0, max(1, f["mel"].shape[0] - seg + 1), (1,), generator=g))
+            m = f["mel"][s: s + seg]
+            w = f["wav"][s * hop: (s + m.shape[0]) * hop]
+            mels.append(F.pad(m, (0, 0, 0, seg - m.shape[0])))
+            wavs.append(F.pad(w, (0, seg * hop - w.shape[0])))
+        mel = torch.stack(mels).transpose(1, 2).to(run.device)                   # (B, mel, seg)
+        wav = torch.stack(wavs).to(run.device)                                    # (B, seg * hop)
+        pred = module(mel)
+        loss = 45.0 * mel_loss(pred, wav, run.cfg.vocoder) + multi_resolution_stft_loss(pred, wav)
+        return token_mean_loss(loss * len(idx), len(idx))
+
+    return run.loop(7, "vocoder", voc.parameters(), t.s7_steps, t.s7_lr, loss_fn, voc)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/tiny")
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--stage", type=int, action="append", choices=sorted(STAGES), help="run only these stages")
+    ap.add_argument("--dpo", action="store_true", help="include the optional preference stage 5")
+    ap.add_argument("--quick", action="store_true", help="a few steps of every stage (minutes)")
+    ap.add_argument("--resume", action="store_true", help="continue the run in --out")
+    ap.add_argument("--positions", choices=["tmrope", "sequential"], default="tmrope")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    ap.add_argument("--fsdp", action="store_true", help="under torchrun: shard with FSDP instead of DDP")
+    args, rest = ap.parse_known_args(argv)
+    model_over, train_over = {}, {}
+    for a in rest:
+        if a.startswith("--train."):
+            key, value = parse_override("--" + a[len("--train."):], TrainConfig)
+            train_over[key] = value
+        elif a.startswith("--") and "=" in a:
+            key, value = parse_override(a)
+            model_over[key] = value
+        else:
+            ap.error(f"unrecognised argument {a!r} (overrides look like --thinker.n_layer=4 or --train.s2_steps=100)")
+    return args, model_over, train_over
+
+
+def main(argv=None):
+    args, model_over, train_over = parse(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = model_config(args.preset)
+    if model_over:
+        cfg = cfg.replace(**model_over)
+    tcfg = TrainConfig(**{**(QUICK if args.quick else {}), **train_over})
+    run = Run(args, cfg, tcfg)
+    run.dir.mkdir(parents=True, exist_ok=True)
+    todo = set(args.stage or (DEFAULT_STAGES + ([5] if args.dpo else [])))
+    todo = sorted(todo - {5}) + ([5] if 5 in todo else [])        # DPO speaks, so it comes after the DiT and vocoder
+    if args.resume:
+        todo = [s for s in todo if s not in run.progress]
+    summaries = {}
+    for s in todo:
+        if s == 5 and 6 not in run.progress:
+            raise SystemExit("stage 5 (DPO) speaks with the DiT and vocoder: run stages 6 and 7 first")
+        fn = {1: lambda: stage_thinker(run, 1), 2: lambda: stage_thinker(run, 2), 3: lambda: stage_thinker(run, 3),
+              4: lambda: stage_talker(run), 5: lambda: stage_dpo(run), 6: lambda: stage_dit(run),
+              7: lambda: stage_vocoder(run)}[s]
+        summaries[s] = fn()
+        run.progress = sorted(set(run.progress) | {s})
+        run.save()
+    if run.rank == 0:
+        print(json.dumps({"run": str(run.dir), "stages": summaries}, default=str))
+
+
+if __name__ == "__main__":
+    main()
