@@ -150,7 +150,8 @@ class Run:
         elif self.world > 1:
             wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
         params = [p for p in (module.parameters() if self.args.fsdp else params) if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
+        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01,
+                                foreach=False if self.args.fsdp else None)   # sharded and plain tensors mixed
         start = 0
         if self.args.resume and not self.args.fsdp:
             meta = load_stage_state(self.dir, name, opt)
@@ -166,7 +167,11 @@ class Run:
                 term, value = loss_fn(step, wrapped)
             opt.zero_grad(set_to_none=True)
             term.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            if self.args.fsdp and self.world > 1:
+                average_replicated_grads(params)
+                clip_mixed_grad_norm_(params, 1.0)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             log.add(step, value, lr_t)
             bar.set_postfix(loss=f"{value:.4f}")
@@ -184,16 +189,55 @@ class Run:
 
 
 def shard(module: nn.Module) -> nn.Module:
-    """FSDP2: every Transformer block becomes its own shard unit, then the rest of the module. The module is sharded
-    in place (its parameters become DTensors split across the processes); gradients are reduce-scattered."""
+    """FSDP2: every decoder block is a shard unit and the module is the root over the rest. Sharded parameters
+    become DTensors split across the processes, gathered for each unit's forward and backward, their gradients
+    reduce-scattered. The encoders stay whole on every process (a modality missing from one process's half-batch
+    would leave its shard unit without a backward there); `average_replicated_grads` averages their gradients."""
     from torch.distributed.fsdp import fully_shard
 
     from nano_omni.decoder import DecoderLayer
     for m in module.modules():
         if isinstance(m, DecoderLayer):
             fully_shard(m)
-    fully_shard(module)
+    optional = [getattr(module, n) for n in ("audio_tower", "visual") if getattr(module, n, None) is not None]
+    fully_shard(module, ignored_params={p for m in optional for p in m.parameters()})
     return module
+
+
+def clip_mixed_grad_norm_(params, max_norm: float) -> None:
+    """clip_grad_norm_ for a mix of sharded (DTensor) and whole gradients: shard norms are summed over processes."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    sharded, whole = torch.zeros(()), torch.zeros(())
+    for p in params:
+        if p.grad is None:
+            continue
+        if isinstance(p.grad, DTensor):
+            sharded += p.grad.to_local().float().pow(2).sum().cpu()
+        else:
+            whole += p.grad.float().pow(2).sum().cpu()
+    dist.all_reduce(sharded)
+    coef = max_norm / (float((sharded + whole).sqrt()) + 1e-6)
+    if coef < 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.mul_(coef)
+
+
+def average_replicated_grads(params) -> None:
+    """All-reduce (mean) the gradients of parameters FSDP does not shard; an unused one contributes zeros."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    world = dist.get_world_size()
+    for p in params:
+        if isinstance(p, DTensor):
+            continue
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world
 
 
 # ----------------------------------------------------------------------------------------------------------------

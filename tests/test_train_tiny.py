@@ -74,6 +74,24 @@ def test_two_ddp_processes_give_the_loss_of_one(tmp_path):
                                rtol=0, atol=1e-4)
 
 
+def test_fsdp_two_processes_give_the_loss_and_weights_of_one(tmp_path):
+    """Sharded (FSDP2, gloo on CPU) training reproduces the unsharded run: same losses, same final weights."""
+    args = QUICK + ["--stage", "2", "--train.s2_steps=4", "--train.batch_size=6"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    train_tiny.main(args + ["--out", str(one)])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29614",
+           str(REPO / "train_tiny.py")] + args + ["--fsdp", "--out", str(two)]
+    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    torch.testing.assert_close(torch.tensor(_losses(two, "2_multimodal")), torch.tensor(_losses(one, "2_multimodal")),
+                               rtol=0, atol=1e-4)
+    a, _ = load_model(one / "checkpoint", dtype=torch.float32)
+    b, _ = load_model(two / "checkpoint", dtype=torch.float32)
+    for (name, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-4, msg=name)
+
+
 def test_bad_runs_are_refused_with_a_reason(quick_run, tmp_path):
     with pytest.raises(ValueError, match="unknown config key 'thinker.n_layers'"):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "x"), "--thinker.n_layers=3"])
