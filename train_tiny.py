@@ -226,13 +226,17 @@ def clip_mixed_grad_norm_(params, max_norm: float) -> None:
 
 
 def average_replicated_grads(params) -> None:
-    """All-reduce (mean) the gradients of parameters FSDP does not shard; an unused one contributes zeros."""
+    """All-reduce (mean) the gradients of parameters FSDP does not shard. One a process did not use contributes
+    zeros; one no process used keeps no gradient at all (so the optimizer leaves it alone, as without FSDP)."""
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
+    whole = [p for p in params if not isinstance(p, DTensor)]
+    used = torch.tensor([float(p.grad is not None) for p in whole])
+    dist.all_reduce(used)
     world = dist.get_world_size()
-    for p in params:
-        if isinstance(p, DTensor):
+    for p, n in zip(whole, used.tolist()):
+        if n == 0:
             continue
         if p.grad is None:
             p.grad = torch.zeros_like(p)
