@@ -62,10 +62,10 @@ class TrainConfig:
     warmup: int = 50
     s1_proj_steps: int = 60
     s1_enc_steps: int = 90
-    s2_steps: int = 1300
+    s2_steps: int = 1800
     s3_steps: int = 120
     s3_items: int = 3              # examples per conversation in stage 3
-    s4_steps: int = 500
+    s4_steps: int = 2000
     s4_batch_size: int = 16
     s4_lr: float = 2e-3
     s5_steps: int = 40
@@ -74,10 +74,11 @@ class TrainConfig:
     s6_batch_size: int = 16
     s6_lr: float = 1e-3
     s6_frames: int = 192           # training crops of the DiT, mel frames
-    s7_steps: int = 700
+    s7_steps: int = 800
     s7_batch_size: int = 8
     s7_lr: float = 1e-3
     s7_frames: int = 32            # vocoder training segments, mel frames
+    spec_augment: bool = True      # mask stretches of time and frequency in the training audio
     ckpt_every: int = 100
     stop_after_steps: int = 0      # stop this invocation after so many steps, as if killed (0: never)
     subset: int = 0                # use only this many examples per task / utterances (0: all)
@@ -89,12 +90,16 @@ QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s2_steps=4
 
 
 def model_config(preset: str) -> OmniConfig:
-    """The preset, sized for the toy tasks: the tiny preset's Thinker is widened to 128 (4 layers)."""
+    """The preset, sized for the toy tasks: the tiny preset's Thinker and encoders are widened (Thinker 128 wide,
+    4 layers; audio encoder 128 wide, 3 layers; vision encoder 96 wide, 3 layers)."""
     cfg = get_config(preset)
     if preset == "tiny":
         cfg = cfg.replace(**{"thinker.d_model": 128, "thinker.n_layer": 4, "thinker.n_head": 4, "thinker.n_kv_head": 2,
-                             "thinker.d_ff": 384, "thinker.mrope_section": [4, 6, 6], "audio.output_dim": 128,
-                             "vision.out_dim": 128, "talker.embed_dim": 128, "name": "tiny"})
+                             "thinker.d_ff": 384, "thinker.mrope_section": [4, 6, 6],
+                             "audio.d_model": 128, "audio.n_layer": 3, "audio.d_ff": 256, "audio.output_dim": 128,
+                             "vision.d_model": 96, "vision.n_layer": 3, "vision.d_ff": 192,
+                             "vision.fullatt_block_indexes": [2], "vision.out_dim": 128,
+                             "talker.embed_dim": 128, "name": "tiny"})
     return cfg
 
 
@@ -272,7 +277,8 @@ def _speech_subset(utts: list[dict], n: int) -> list[dict]:
 def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool):
     def loss_fn(step: int, module):
         idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
-        x, labels = data.batch(idx)
+        g = step_generator(run.t.seed, 2, step) if run.t.spec_augment else None
+        x, labels = data.batch(idx, augment=g)
         x = x.to(run.device)
         if sequential:   # the lesson's baseline: every token one position after the last, media or not
             x.positions, _ = text_positions(x.attention_mask)

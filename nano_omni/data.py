@@ -160,10 +160,13 @@ class ThinkerData:
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, idx: list[int]) -> tuple[OmniInputs, torch.Tensor]:
-        """(inputs, labels (B, T)) for the items `idx`, right-padded."""
+    def batch(self, idx: list[int], augment: torch.Generator | None = None) -> tuple[OmniInputs, torch.Tensor]:
+        """(inputs, labels (B, T)) for the items `idx`, right-padded. With a generator, the audio features are
+        masked SpecAugment-style (training only)."""
         items = [self.items[i] for i in idx]
         x = self.proc.collate([it.inputs for it in items], padding_side="right")
+        if augment is not None and x.audio_features is not None:
+            x.audio_features = spec_augment(x.audio_features, x.audio_lengths, augment)
         labels = torch.full_like(x.input_ids, -100)
         for b, it in enumerate(items):
             for a, e in it.answer_spans:
@@ -180,6 +183,27 @@ class ThinkerData:
             p.attention_mask = torch.ones_like(p.input_ids)
             out.append(p)
         return self.proc.collate(out, padding_side="left")
+
+
+def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, g: torch.Generator, n_time: int = 2, max_time: int = 12,
+                 n_freq: int = 2, max_freq: int = 16) -> torch.Tensor:
+    """SpecAugment (Park et al. 2019): hide a few random stretches of time and bands of frequency in each audio's
+    log-mel, so the model cannot lean on any one of them. feats (n_mels, sum L), lengths (n_audio,) -> a copy."""
+    out = feats.clone()
+    start = 0
+    for L in lengths.tolist():
+        piece = out[:, start: start + L]                                     # a view into `out`
+        fill = piece.mean()
+        for _ in range(n_time):
+            w = int(torch.randint(0, max_time + 1, (1,), generator=g))
+            t0 = int(torch.randint(0, max(1, L - w), (1,), generator=g))
+            piece[:, t0: t0 + w] = fill
+        for _ in range(n_freq):
+            w = int(torch.randint(0, max_freq + 1, (1,), generator=g))
+            f0 = int(torch.randint(0, max(1, feats.shape[0] - w), (1,), generator=g))
+            piece[f0: f0 + w] = fill
+        start += L
+    return out
 
 
 def load_speech(split: str | None = None, root: str | Path = ROOT, sample_rate: int = 24000, speakers=None) -> list[dict]:

@@ -180,3 +180,22 @@ def _place(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
     else:
         owner._buffers[leaf] = value
+
+
+def weight_bytes(preset: str, dtype_bytes: int = 2, token2wav_bytes: int = 4) -> dict[str, int]:
+    """Bytes of weights per part of a preset, as load_model keeps them (Thinker and Talker in bf16, Token2Wav fp32)."""
+    from .config import get_config
+
+    with torch.device("meta"):
+        m = Omni(get_config(preset))
+    count = lambda prefix: sum(p.numel() for n, p in m.named_parameters() if n.startswith(prefix))  # noqa: E731
+    return {"thinker": count("thinker.") * dtype_bytes, "talker": count("talker.") * dtype_bytes,
+            "token2wav": count("token2wav.") * token2wav_bytes}
+
+
+if __name__ == "__main__":   # python -m nano_omni.pretrained: the memory the weights of each preset take
+    for name in ("qwen2_5_omni_3b", "qwen2_5_omni_7b"):
+        b = weight_bytes(name)
+        print(f"{name}: weights {sum(b.values()) / 1e9:.1f} GB with speech "
+              f"(Thinker {b['thinker'] / 1e9:.1f}, Talker {b['talker'] / 1e9:.1f}, Token2Wav {b['token2wav'] / 1e9:.1f}); "
+              f"{b['thinker'] / 1e9:.1f} GB text only (enable_audio_output=False)")
