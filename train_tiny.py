@@ -79,6 +79,7 @@ class TrainConfig:
     s7_lr: float = 1e-3
     s7_frames: int = 32            # vocoder training segments, mel frames
     spec_augment: bool = True      # mask stretches of time and frequency in the training audio
+    tasks: str = ""                # comma-separated tasks for the Thinker stages ("": all), e.g. video_cue_colour
     ckpt_every: int = 100
     stop_after_steps: int = 0      # stop this invocation after so many steps, as if killed (0: never)
     subset: int = 0                # use only this many examples per task / utterances (0: all)
@@ -294,7 +295,9 @@ def stage_thinker(run: Run, stage: int) -> dict:
     t, th = run.t, run.model.thinker
     seq = run.args.positions == "sequential"
     if stage == 1:
-        ex = _subset(load_examples("train", tasks={"asr", "image_shape", "image_colour", "image_count"}), t.subset)
+        perception = {"asr", "image_shape", "image_colour", "image_count"}
+        ex = _subset(load_examples("train", tasks=perception & set(t.tasks.split(",")) if t.tasks else perception),
+                     t.subset)
         data = ThinkerData(ex, run.proc, run.tok)
         out = {}
         for part, steps, trainable in (("proj", t.s1_proj_steps, [th.audio_tower.proj, th.visual.merger]),
@@ -307,7 +310,7 @@ def stage_thinker(run: Run, stage: int) -> dict:
         th.requires_grad_(True)
         return out
     th.requires_grad_(True)
-    ex = _subset(load_examples("train"), t.subset)
+    ex = _subset(load_examples("train", tasks=set(t.tasks.split(",")) if t.tasks else None), t.subset)
     if stage == 3:   # conversations of several items, answered turn after turn
         rng = random.Random(t.seed + 3)
         rng.shuffle(ex)

@@ -69,10 +69,16 @@ def _clean(tok, ids) -> str:
 
 
 @torch.no_grad()
-def answers(model, data: ThinkerData, idx: list[int], max_new_tokens: int = 24, batch: int = 32) -> list[str]:
+def answers(model, data: ThinkerData, idx: list[int], max_new_tokens: int = 24, batch: int = 32,
+            positions: str = "tmrope") -> list[str]:
+    """Greedy answers. positions="sequential": plain 1-D ids, for a model trained that way (the TMRoPE lesson)."""
+    from .tmrope import text_positions
+
     out = []
     for k in range(0, len(idx), batch):
         x = data.prompts(idx[k: k + batch])
+        if positions == "sequential":
+            x.positions, x.rope_deltas = text_positions(x.attention_mask)
         gen = model.thinker.generate_from(x, max_new_tokens=max_new_tokens)
         out += [_clean(data.tok, row) for row in gen.tokens]
     return out
@@ -100,13 +106,14 @@ def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0) -> dict:
+def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0, tasks=None,
+             positions: str = "tmrope", speech: bool = True) -> dict:
     model.eval()
     cfg = model.cfg
     proc = Processor(cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
     t0 = time.time()
     # 1. understanding
-    ex = load_examples("test", root)
+    ex = load_examples("test", root, tasks=tasks)
     by_task = defaultdict(list)
     for e in ex:
         by_task[e["task"]].append(e)
@@ -114,13 +121,13 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
     for task, items in sorted(by_task.items()):
         items = items[:per_task] if per_task else items
         data = ThinkerData(items, proc, tok, root)
-        got = answers(model, data, list(range(len(items))))
+        got = answers(model, data, list(range(len(items))), positions=positions)
         acc[task] = sum(g == e["answer"] for g, e in zip(got, items)) / len(items)
     # 2. speech, per voice; 3. vocoder vs Griffin-Lim on the real recordings
     utts = load_speech("test", root)
     speech = {}
     voc = {"bigvgan": [], "griffin_lim": []}
-    if getattr(model, "voices", None):
+    if speech and getattr(model, "voices", None):
         from .codec import SpeechCodec
         mel_of = SpeechCodec(torch.zeros(1, 2 * cfg.dit.mel_dim), cfg.dit.repeats, cfg.vocoder).mel
         for v in sorted(model.voices):
@@ -182,6 +189,10 @@ def main(argv=None):
     ap.add_argument("--per-task", type=int, default=0, help="examples per task (0: all)")
     ap.add_argument("--per-voice", type=int, default=0, help="utterances per voice (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", help="comma-separated understanding tasks (default: all)")
+    ap.add_argument("--positions", choices=["tmrope", "sequential"], default="tmrope",
+                    help="the position ids the model was trained with")
+    ap.add_argument("--no-speech", action="store_true", help="skip the speech measurements")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--write-readme", metavar="README", help="write the table into this file between its markers")
     ap.add_argument("--json", metavar="PATH", help="also save the full results here")
@@ -189,7 +200,8 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     model, tok = load_model(a.checkpoint, dtype=torch.float32)
-    res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed)
+    res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed,
+                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions, speech=not a.no_speech)
     text = table(res)
     print(text)
     if a.write_readme:
