@@ -129,9 +129,9 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, impl=None):
     impl = impl or _BACKEND
     tq, tk = q.shape[2], k.shape[2]
     if causal:
-        cm = causal_mask(tq, tk, q.device)
         if impl in ("fused", "sdpa") and mask is None and tq == tk:
-            return attention_sdpa(q, k, v, None, scale, causal=True)
+            return attention_sdpa(q, k, v, None, scale, causal=True)              # the kernel masks by itself
+        cm = causal_mask(tq, tk, q.device)
         mask = cm if mask is None else (mask & cm)
     if impl == "manual":
         return attention_manual(q, k, v, mask, scale)

@@ -3,7 +3,8 @@
 
 Paper: Qwen2.5-Omni section 2.1 (both are Transformer decoders). Reference 1.1 / 1.4.
 
-Shapes: x (B, T, d_model); positions (3, B, T); q (B, n_head, T, head_dim); k, v (B, n_kv_head, T, head_dim).
+Shapes: x (B, T, d_model); positions (3, B, T); q (B, n_head, T, head_dim); k, v (B, n_kv_head, T, head_dim);
+rotary tables cos, sin (B, 1, T, head_dim).
 Module names follow the checkpoint (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `norm`), so
 the loader's key map stays short. `embed_tokens` lives here for the key layout, but the forward takes
 embeddings: the Thinker scatters media features into them and the Talker adds its two tracks first.
@@ -14,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from .attention import attention, causal_mask
-from .layers import RMSNorm, SwiGLU, apply_rotary, rope_inv_freq
-from .tmrope import mrope_cos_sin
+from .layers import RMSNorm, SwiGLU, apply_rotary_rolled, rope_inv_freq, rotary_tables
+from .tmrope import mrope_angles
 
 
 class KVCache:
@@ -29,9 +30,15 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
-        self.key_valid: torch.Tensor | None = None   # (B, length) bool
+        self.all_valid = True                        # no padding slot so far: no mask needed for one new token
         self.n_seen: torch.Tensor | None = None      # (B,) long
         self.deltas: torch.Tensor | None = None      # (B, 1) long
+        self._valid: torch.Tensor | None = None      # (B, capacity) bool, grown like the k/v buffers
+
+    @property
+    def key_valid(self) -> torch.Tensor | None:
+        """(B, length) bool: False at padding slots."""
+        return None if self._valid is None else self._valid[:, : self.length]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (B, Hkv, t, D) after the cached ones; return all keys and values so far."""
@@ -49,12 +56,25 @@ class KVCache:
         self.v[layer][:, :, self.length: end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def advance(self, key_valid: torch.Tensor) -> None:
-        """Called once per forward, after every layer wrote: t new slots with validity (B, t)."""
-        self.key_valid = key_valid if self.key_valid is None else torch.cat([self.key_valid, key_valid], 1)
-        self.length = self.key_valid.shape[1]
-        n = key_valid.sum(1)
-        self.n_seen = n if self.n_seen is None else self.n_seen + n
+    def advance(self, key_valid: torch.Tensor | None, t: int) -> None:
+        """Called once per forward, after every layer wrote: t new slots with validity key_valid (B, t);
+        None means all real (only after a first call, which sets n_seen)."""
+        end = self.length + t
+        if self._valid is None or self._valid.shape[1] < end:
+            old, like = self._valid, self.n_seen if key_valid is None else key_valid
+            self._valid = torch.ones(like.shape[0], max(end, 2 * (old.shape[1] if old is not None else 16)),
+                                     dtype=torch.bool, device=like.device)
+            if old is not None:
+                self._valid[:, : self.length] = old[:, : self.length]
+        if key_valid is None:
+            self._valid[:, self.length: end] = True
+            self.n_seen = self.n_seen + t
+        else:
+            self._valid[:, self.length: end] = key_valid
+            self.all_valid = self.all_valid and bool(key_valid.all())
+            n = key_valid.sum(1)
+            self.n_seen = n if self.n_seen is None else self.n_seen + n
+        self.length = end
 
 
 class Attention(nn.Module):
@@ -71,7 +91,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)       # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary_rolled(q, cos, sin), apply_rotary_rolled(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                            # (B, Hkv, past+T, D)
         y = attention(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, D)
@@ -120,16 +140,22 @@ class Decoder(nn.Module):
         if past + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {past + T} exceeds the configured maximum max_seq_len "
                              f"({self.cfg.max_seq_len})")
-        # rotary angles are computed before this cast back to the input dtype
-        cos, sin = mrope_cos_sin(positions, self.inv_freq, self.cfg.mrope_section)      # (B, T, head_dim)
-        valid_new = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
-        valid_all = valid_new if past == 0 else torch.cat([cache.key_valid, valid_new], 1)  # (B, past+T)
-        mask = None
-        if not bool(valid_all.all()) or (past > 0 and T > 1):
-            # explicit (B, 1, T, past+T) mask: causal and no padding keys; else the kernel's own causal path
-            mask = causal_mask(T, past + T, x.device)[None, None] & valid_all[:, None, None, :]
+        # angles in fp32, then the tables cast to the input dtype once for every layer; sin carries the sign of
+        # rotate_half (see layers.apply_rotary_rolled)
+        cos, sin = rotary_tables(mrope_angles(positions, self.inv_freq, self.cfg.mrope_section), x.dtype)  # (B, 1, T, D)
+        # one new token after real tokens only (plain decoding): every cached key may be seen, no mask at all
+        valid_new = None
+        if cache is not None and key_valid is None and T == 1 and cache.all_valid and past > 0:
+            mask = None
+        else:
+            valid_new = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
+            valid_all = valid_new if past == 0 else torch.cat([cache.key_valid, valid_new], 1)  # (B, past+T)
+            mask = None
+            if not bool(valid_all.all()) or (past > 0 and T > 1):
+                # explicit (B, 1, T, past+T) mask: causal and no padding keys; else the kernel's own causal path
+                mask = causal_mask(T, past + T, x.device)[None, None] & valid_all[:, None, None, :]
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, i, cache)
         if cache is not None:
-            cache.advance(valid_new)
+            cache.advance(valid_new, T)
         return self.norm(x)

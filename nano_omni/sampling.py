@@ -41,15 +41,17 @@ class SamplingConfig:
 
 
 def process_logits(logits: torch.Tensor, history: torch.Tensor | None, cfg: SamplingConfig) -> torch.Tensor:
-    """Return the adjusted logits (fp32); -inf marks tokens that can no longer be picked."""
-    x = logits.float().clone()
+    """Return the adjusted logits (fp32); -inf marks tokens that can no longer be picked.
+
+    Never writes into `logits`; when no knob changes anything (greedy fp32) it returns `logits` itself."""
+    x = logits.float()
     if cfg.repetition_penalty != 1.0 and history is not None and history.numel():
         # a token already in the context gets less likely: divide a positive logit, multiply a negative one
         seen = x.gather(1, history)
         seen = torch.where(seen < 0, seen * cfg.repetition_penalty, seen / cfg.repetition_penalty)
         x = x.scatter(1, history, seen)
     if cfg.suppress_ids:
-        x[:, cfg.suppress_ids] = float("-inf")
+        x = x.index_fill(1, torch.tensor(cfg.suppress_ids, device=x.device), float("-inf"))   # a copy: logits stay
     if not cfg.do_sample:
         return x
     x = x / cfg.temperature

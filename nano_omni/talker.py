@@ -131,13 +131,13 @@ class Talker(nn.Module):
         track = iter(text_track)
         last_text = None
         for step in range(cfg.max_new_tokens):
-            code = sample_next(logits, history, cfg, gen)
-            code = torch.where(done, torch.full_like(code, tc.codec_pad), code)
+            code = sample_next(logits, history, cfg, gen).masked_fill(done, tc.codec_pad)
             yield code
             done = done | torch.isin(code, stop)
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
                 return
-            history = torch.cat([history, code[:, None]], 1)
+            if cfg.repetition_penalty != 1.0:                                         # only the penalty reads it
+                history = torch.cat([history, code[:, None]], 1)
             last_text = next(track, last_text)
             if last_text is None:
                 raise ValueError("text_track is empty: it must yield at least the text-pad embedding")

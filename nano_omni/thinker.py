@@ -166,13 +166,13 @@ class Thinker(nn.Module):
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         stop = torch.tensor(stop_ids, device=input_ids.device)
         for step in range(cfg.max_new_tokens):
-            tok = sample_next(logits, history, cfg, gen)
-            tok = torch.where(done, torch.full_like(tok, self.cfg.tokens.pad), tok)
+            tok = sample_next(logits, history, cfg, gen).masked_fill(done, self.cfg.tokens.pad)
             yield ThinkerStep(tok, hidden, embeds)
             done = done | torch.isin(tok, stop)
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
                 return
-            history = torch.cat([history, tok[:, None]], 1)
+            if cfg.repetition_penalty != 1.0:                                         # only the penalty reads it
+                history = torch.cat([history, tok[:, None]], 1)
             embeds = self.model.embed_tokens(tok[:, None])                            # (B, 1, d)
             pos = decode_positions(cache.deltas, cache.n_seen, 1)                     # (3, B, 1)
             hidden = self.model(embeds, pos, None, cache)

@@ -29,19 +29,28 @@ import torch
 from .config import SpecialTokens
 
 
-def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int]):
-    """positions (3, B, T) -> cos, sin (B, T, 2 * len(inv_freq)), in fp32.
+def mrope_angles(positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int]) -> torch.Tensor:
+    """positions (3, B, T) -> rotary angles (B, T, len(inv_freq)), in fp32.
 
-    Frequency k takes its angle from axis 0 (t) for the first section[0] frequencies, then h, then w.
+    Frequency k turns with axis 0 (t) for the first section[0] frequencies, then with h, then with w.
+    >>> mrope_angles(torch.tensor([[[5]], [[7]], [[9]]]), torch.ones(4), [1, 1, 2])[0, 0].tolist()
+    [5.0, 7.0, 9.0, 9.0]
+    """
+    freqs = positions[..., None].float() * inv_freq.float()                         # (3, B, T, D/2)
+    t, h = section[0], section[0] + section[1]
+    # one slice per axis (no index tensor to build, gather or move between devices)
+    return torch.cat([freqs[0, ..., :t], freqs[1, ..., t:h], freqs[2, ..., h:]], dim=-1)  # (B, T, D/2)
+
+
+def mrope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, section: list[int]):
+    """positions (3, B, T) -> cos, sin (B, T, 2 * len(inv_freq)), in fp32 (each angle twice: half-split pairs).
+
     >>> pos = torch.tensor([[[5]], [[7]], [[9]]])            # one token at t=5, h=7, w=9
     >>> cos, sin = mrope_cos_sin(pos, torch.ones(4), [1, 1, 2])
     >>> torch.allclose(cos[0, 0], torch.tensor([5., 7, 9, 9, 5, 7, 9, 9]).cos())
     True
     """
-    freqs = positions[..., None].float() * inv_freq.float().to(positions.device)     # (3, B, T, D/2)
-    axis = mrope_axis(section).to(positions.device)                                  # (D/2,) axis per frequency
-    f = freqs.gather(0, axis.view(1, 1, 1, -1).expand(1, *freqs.shape[1:])).squeeze(0)  # (B, T, D/2)
-    emb = torch.cat((f, f), dim=-1)                                                  # (B, T, D)
+    emb = mrope_angles(positions, inv_freq, section).repeat(1, 1, 2)               # (B, T, D)
     return emb.cos(), emb.sin()
 
 
@@ -280,5 +289,7 @@ def decode_positions(deltas: torch.Tensor, n_seen: torch.Tensor, n_new: int = 1)
     >>> decode_positions(torch.tensor([[-2]]), torch.tensor([38]), 2)[:, 0].tolist()
     [[36, 37], [36, 37], [36, 37]]
     """
-    p = n_seen.view(-1, 1) + deltas.view(-1, 1) + torch.arange(n_new, device=n_seen.device)  # (B, n_new)
+    p = n_seen.view(-1, 1) + deltas.view(-1, 1)                                       # (B, 1)
+    if n_new > 1:
+        p = p + torch.arange(n_new, device=n_seen.device)                             # (B, n_new)
     return p.unsqueeze(0).expand(3, -1, -1)
