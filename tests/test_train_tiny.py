@@ -61,29 +61,28 @@ def test_resume_repeats_the_losses_of_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(torch.tensor(_losses(b, stage)), torch.tensor(_losses(a, stage)), rtol=0, atol=1e-5)
 
 
-def test_two_ddp_processes_give_the_loss_of_one(tmp_path):
+def _one_and_two_processes(tmp_path, extra: list[str], port: int) -> tuple[Path, Path]:
+    """The same short stage-2 run in one process and, under torchrun, in two (gloo on CPU)."""
     args = QUICK + ["--stage", "2", "--train.s2_steps=4", "--train.batch_size=6"]
     one, two = tmp_path / "one", tmp_path / "two"
     train_tiny.main(args + ["--out", str(one)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29613",
-           str(REPO / "train_tiny.py")] + args + ["--out", str(two)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           str(REPO / "train_tiny.py")] + args + extra + ["--out", str(two)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
+    return one, two
+
+
+def test_two_ddp_processes_give_the_loss_of_one(tmp_path):
+    one, two = _one_and_two_processes(tmp_path, [], 29613)
     torch.testing.assert_close(torch.tensor(_losses(two, "2_multimodal")), torch.tensor(_losses(one, "2_multimodal")),
                                rtol=0, atol=1e-4)
 
 
 def test_fsdp_two_processes_give_the_loss_and_weights_of_one(tmp_path):
     """Sharded (FSDP2, gloo on CPU) training reproduces the unsharded run: same losses, same final weights."""
-    args = QUICK + ["--stage", "2", "--train.s2_steps=4", "--train.batch_size=6"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    train_tiny.main(args + ["--out", str(one)])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29614",
-           str(REPO / "train_tiny.py")] + args + ["--fsdp", "--out", str(two)]
-    res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    one, two = _one_and_two_processes(tmp_path, ["--fsdp"], 29614)
     torch.testing.assert_close(torch.tensor(_losses(two, "2_multimodal")), torch.tensor(_losses(one, "2_multimodal")),
                                rtol=0, atol=1e-4)
     a, _ = load_model(one / "checkpoint", dtype=torch.float32)
