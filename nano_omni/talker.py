@@ -121,17 +121,23 @@ class Talker(nn.Module):
         dev = prompt.embeds.device
         cache = KVCache(tc.n_layer)
         cache.deltas = prompt.deltas
-        logits = self(prompt.embeds, prompt.positions, prompt.key_valid, cache)[:, -1]
         # the token history the repetition penalty sees, as the reference: mask ids, pad, bos, then codes
         history = torch.cat([torch.full((B, L - 2), tc.codec_mask, device=dev),
                              torch.tensor([[tc.codec_pad, tc.codec_bos]], device=dev).expand(B, 2)], 1)
         gen = make_generator(cfg.seed, dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         stop = torch.tensor(stop_ids, device=dev)
+
+        def forward_and_pick(x, pos, valid):
+            # inference mode makes every small op of a step cheaper; the caller gets an ordinary tensor (a clone)
+            with torch.inference_mode():
+                code = sample_next(self(x, pos, valid, cache)[:, -1], history, cfg, gen).masked_fill(done, tc.codec_pad)
+            return code.clone()
+
+        code = forward_and_pick(prompt.embeds, prompt.positions, prompt.key_valid)
         track = iter(text_track)
         last_text = None
         for step in range(cfg.max_new_tokens):
-            code = sample_next(logits, history, cfg, gen).masked_fill(done, tc.codec_pad)
             yield code
             done = done | torch.isin(code, stop)
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
@@ -142,8 +148,7 @@ class Talker(nn.Module):
             if last_text is None:
                 raise ValueError("text_track is empty: it must yield at least the text-pad embedding")
             x = last_text + self.model.embed_tokens(code[:, None])                     # (B, 1, d)
-            pos = decode_positions(cache.deltas, cache.n_seen, 1)
-            logits = self(x, pos, None, cache)[:, -1]
+            code = forward_and_pick(x, decode_positions(cache.deltas, cache.n_seen, 1), None)
 
     @torch.no_grad()
     def generate(self, prompt: TalkerPrompt, text_track: Iterable[torch.Tensor], **kw) -> torch.Tensor:

@@ -159,14 +159,21 @@ class Thinker(nn.Module):
         embeds = self.embed(input_ids, **self.encode_media(**(media or {}))) if inputs_embeds is None else inputs_embeds
         cache = KVCache(self.cfg.thinker.n_layer)
         cache.deltas = deltas.to(input_ids.device)
-        hidden = self.model(embeds, positions.to(input_ids.device), key_valid, cache)
-        logits = self.lm_head(hidden[:, -1])
         history = input_ids
         gen = make_generator(cfg.seed, input_ids.device)
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         stop = torch.tensor(stop_ids, device=input_ids.device)
+
+        def forward_and_pick(x, pos, valid):
+            # inference mode makes every small op of a decoding step cheaper; the caller gets ordinary tensors
+            # (clones), which it may modify in place or keep for autograd
+            with torch.inference_mode():
+                hidden = self.model(x, pos, valid, cache)
+                tok = sample_next(self.lm_head(hidden[:, -1]), history, cfg, gen).masked_fill(done, self.cfg.tokens.pad)
+            return tok.clone(), hidden.clone()
+
+        tok, hidden = forward_and_pick(embeds, positions.to(input_ids.device), key_valid)
         for step in range(cfg.max_new_tokens):
-            tok = sample_next(logits, history, cfg, gen).masked_fill(done, self.cfg.tokens.pad)
             yield ThinkerStep(tok, hidden, embeds)
             done = done | torch.isin(tok, stop)
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
@@ -175,8 +182,7 @@ class Thinker(nn.Module):
                 history = torch.cat([history, tok[:, None]], 1)
             embeds = self.model.embed_tokens(tok[:, None])                            # (B, 1, d)
             pos = decode_positions(cache.deltas, cache.n_seen, 1)                     # (3, B, 1)
-            hidden = self.model(embeds, pos, None, cache)
-            logits = self.lm_head(hidden[:, -1])
+            tok, hidden = forward_and_pick(embeds, pos, None)
 
     @torch.no_grad()
     def generate_from(self, inputs, **kw) -> GenerateOutput:
