@@ -56,24 +56,23 @@ class KVCache:
         self.v[layer][:, :, self.length: end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
-    def advance(self, key_valid: torch.Tensor | None, t: int) -> None:
-        """Called once per forward, after every layer wrote: t new slots with validity key_valid (B, t);
-        None means all real (only after a first call, which sets n_seen)."""
+    def advance(self, key_valid: torch.Tensor | None, batch: int, t: int, device) -> None:
+        """Called once per forward, after every layer wrote: t new slots with validity key_valid (B, t), None when
+        all are real tokens."""
         end = self.length + t
         if self._valid is None or self._valid.shape[1] < end:
-            old, like = self._valid, self.n_seen if key_valid is None else key_valid
-            self._valid = torch.ones(like.shape[0], max(end, 2 * (old.shape[1] if old is not None else 16)),
-                                     dtype=torch.bool, device=like.device)
+            old = self._valid
+            self._valid = torch.ones(batch, max(end, 2 * (old.shape[1] if old is not None else 16)), dtype=torch.bool,
+                                     device=device)
             if old is not None:
                 self._valid[:, : self.length] = old[:, : self.length]
-        if key_valid is None:
-            self._valid[:, self.length: end] = True
-            self.n_seen = self.n_seen + t
+        if key_valid is None:      # slots past `length` are always True already
+            new = t if self.n_seen is not None else torch.full((batch,), t, dtype=torch.long, device=device)
         else:
             self._valid[:, self.length: end] = key_valid
             self.all_valid = self.all_valid and bool(key_valid.all())
-            n = key_valid.sum(1)
-            self.n_seen = n if self.n_seen is None else self.n_seen + n
+            new = key_valid.sum(1)
+        self.n_seen = new if self.n_seen is None else self.n_seen + new
         self.length = end
 
 
@@ -143,19 +142,17 @@ class Decoder(nn.Module):
         # angles in fp32, then the tables cast to the input dtype once for every layer; sin carries the sign of
         # rotate_half (see layers.apply_rotary_rolled)
         cos, sin = rotary_tables(mrope_angles(positions, self.inv_freq, self.cfg.mrope_section), x.dtype)  # (B, 1, T, D)
-        # one new token after real tokens only (plain decoding): every cached key may be seen, no mask at all
-        valid_new = None
-        if cache is not None and key_valid is None and T == 1 and cache.all_valid and past > 0:
-            mask = None
-        else:
+        mask = None
+        if key_valid is not None or (cache is not None and not cache.all_valid):
+            # padding somewhere: an explicit (B, 1, T, past+T) mask, causal and without padding keys (unless the
+            # padding turns out to be all real after all: then the kernel's own causal path)
             valid_new = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             valid_all = valid_new if past == 0 else torch.cat([cache.key_valid, valid_new], 1)  # (B, past+T)
-            mask = None
-            if not bool(valid_all.all()) or (past > 0 and T > 1):
-                # explicit (B, 1, T, past+T) mask: causal and no padding keys; else the kernel's own causal path
+            if not bool(valid_all.all()):
                 mask = causal_mask(T, past + T, x.device)[None, None] & valid_all[:, None, None, :]
+        # else every key is real: plain causal attention (attention() aligns it bottom-right when past > 0)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, i, cache)
         if cache is not None:
-            cache.advance(valid_new, T)
+            cache.advance(key_valid, B, T, x.device)
         return self.norm(x)
