@@ -6,11 +6,13 @@
                 (first PCM chunk), transformers returns the whole utterance at once (its first audio is all of it)
 
 Both models run in fp32 with the same random weights (moved into nano_omni through its checkpoint loader), the
-same attention kernel family (PyTorch SDPA), one process at a time. Medians of several repetitions; the table
+same attention kernel family (PyTorch SDPA: transformers is switched to its "sdpa" attention, its fastest on a CPU;
+the parity tests run it on "eager"), one process at a time. Medians of several repetitions; the table
 gives the times and the ratios, the last line is JSON.
 
     python bench/vs_transformers.py                 # the tiny training configuration on this CPU
     python bench/vs_transformers.py --preset qwen2_5_omni_7b --layers 2    # 7B-shaped layers, on a GPU if present
+    python bench/vs_transformers.py --compile       # opt-in: both Thinker decoders torch.compile'd (minutes of compiling)
 Goals: training throughput >= 1.5x, decoding >= 3x, first audio >= 10x sooner on a 10-second reply.
 """
 from __future__ import annotations
@@ -192,16 +194,25 @@ def main():
     ap.add_argument("--reply-seconds", type=float, default=10.0)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the Thinker's decoder stack on BOTH sides (nn.Module.compile, in place) before "
+                         "measuring; off by default: the eager path is the one the tests check")
     a = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(a.threads)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cfg, hf, ours = build(a.preset, a.layers or None, device)
+    if a.compile:
+        # the same switch for both: each side's Thinker decoder stack, compiled where it sits (state-dict keys
+        # unchanged); compilation happens in the warm-up calls, which the timings leave out
+        ours.thinker.model.compile()
+        hf.thinker.model.language_model.compile()
     rows = {"train": bench_train(cfg, hf, ours, device, a.batch, a.seq, a.repeats, sync),
             "decode": bench_decode(cfg, hf, ours, device, 32, a.new_tokens, a.repeats, sync),
             "speech": bench_speech(cfg, hf, ours, device, a.reply_seconds, a.repeats, sync)}
-    print(f"| measure (transformers on {HF_ATTENTION} attention) | transformers | nano_omni | ratio |")
+    mode = "both Thinker decoders torch.compile'd" if a.compile else "eager"
+    print(f"| measure (transformers on {HF_ATTENTION} attention, {mode}) | transformers | nano_omni | ratio |")
     print(f"|---|---:|---:|---:|")
     r = rows["train"]
     print(f"| Thinker training step, tokens/s | {r['transformers_tok_s']:.0f} | {r['nano_omni_tok_s']:.0f} | {r['speedup']:.2f}x |")
@@ -212,7 +223,7 @@ def main():
           f"{r['nano_omni_first_audio_s']:.3f} | {r['speedup']:.1f}x sooner |")
     summary = {"bench": "vs_transformers", "preset": a.preset, "layers": a.layers or None, "device": device,
                "threads": a.threads if device == "cpu" else None,
-               "transformers_attention": HF_ATTENTION, **rows,
+               "transformers_attention": HF_ATTENTION, "compiled": a.compile, **rows,
                "goals": {"train": 1.5, "decode": 3.0, "first_audio": 10.0},
                "meets_goals": rows["train"]["speedup"] >= 1.5 and rows["decode"]["speedup"] >= 3.0
                and rows["speech"]["speedup"] >= 10.0}

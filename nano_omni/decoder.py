@@ -30,7 +30,7 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layer
         self.v: list[torch.Tensor | None] = [None] * n_layer
         self.length = 0
-        self.all_valid = True                        # no padding slot so far: no mask needed for one new token
+        self.all_valid = True                        # no padding slot so far: causal attention needs no mask
         self.n_seen: torch.Tensor | None = None      # (B,) long
         self.deltas: torch.Tensor | None = None      # (B, 1) long
         self._valid: torch.Tensor | None = None      # (B, capacity) bool, grown like the k/v buffers
@@ -144,13 +144,13 @@ class Decoder(nn.Module):
         cos, sin = rotary_tables(mrope_angles(positions, self.inv_freq, self.cfg.mrope_section), x.dtype)  # (B, 1, T, D)
         mask = None
         if key_valid is not None or (cache is not None and not cache.all_valid):
-            # padding somewhere: an explicit (B, 1, T, past+T) mask, causal and without padding keys (unless the
-            # padding turns out to be all real after all: then the kernel's own causal path)
+            # padding may be present: unless every key turns out to be real, an explicit (B, 1, T, past+T) mask,
+            # causal and without padding keys
             valid_new = key_valid if key_valid is not None else torch.ones(B, T, dtype=torch.bool, device=x.device)
             valid_all = valid_new if past == 0 else torch.cat([cache.key_valid, valid_new], 1)  # (B, past+T)
             if not bool(valid_all.all()):
                 mask = causal_mask(T, past + T, x.device)[None, None] & valid_all[:, None, None, :]
-        # else every key is real: plain causal attention (attention() aligns it bottom-right when past > 0)
+        # with every key real, attention is plain causal (bottom-right aligned when past > 0): no mask at all
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, i, cache)
         if cache is not None:
