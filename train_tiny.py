@@ -278,8 +278,8 @@ def _speech_subset(utts: list[dict], n: int) -> list[dict]:
 def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool):
     def loss_fn(step: int, module):
         idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
-        g = step_generator(run.t.seed, 2, step) if run.t.spec_augment else None
-        x, labels = data.batch(idx, augment=g)
+        seed = (run.t.seed * 7919 + step) if run.t.spec_augment else None
+        x, labels = data.batch(idx, augment_seed=seed)
         x = x.to(run.device)
         if sequential:   # the lesson's baseline: every token one position after the last, media or not
             x.positions, _ = text_positions(x.attention_mask)

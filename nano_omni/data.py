@@ -160,13 +160,17 @@ class ThinkerData:
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, idx: list[int], augment: torch.Generator | None = None) -> tuple[OmniInputs, torch.Tensor]:
-        """(inputs, labels (B, T)) for the items `idx`, right-padded. With a generator, the audio features are
-        masked SpecAugment-style (training only)."""
+    def batch(self, idx: list[int], augment_seed: int | None = None) -> tuple[OmniInputs, torch.Tensor]:
+        """(inputs, labels (B, T)) for the items `idx`, right-padded. With a seed, the audio features are masked
+        SpecAugment-style (training only); each item's masks depend only on (seed, item), so they do not change
+        with how a batch is split over processes."""
         items = [self.items[i] for i in idx]
         x = self.proc.collate([it.inputs for it in items], padding_side="right")
-        if augment is not None and x.audio_features is not None:
-            x.audio_features = spec_augment(x.audio_features, x.audio_lengths, augment)
+        if augment_seed is not None and x.audio_features is not None:
+            gens = [torch.Generator().manual_seed(augment_seed * 1_000_003 + i)
+                    for i, it in zip(idx, items)
+                    for _ in range(0 if it.inputs.audio_lengths is None else len(it.inputs.audio_lengths))]
+            x.audio_features = spec_augment(x.audio_features, x.audio_lengths, gens)
         labels = torch.full_like(x.input_ids, -100)
         for b, it in enumerate(items):
             for a, e in it.answer_spans:
@@ -185,13 +189,14 @@ class ThinkerData:
         return self.proc.collate(out, padding_side="left")
 
 
-def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, g: torch.Generator, n_time: int = 2, max_time: int = 12,
-                 n_freq: int = 2, max_freq: int = 16) -> torch.Tensor:
+def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, gens: list[torch.Generator], n_time: int = 2,
+                 max_time: int = 12, n_freq: int = 2, max_freq: int = 16) -> torch.Tensor:
     """SpecAugment (Park et al. 2019): hide a few random stretches of time and bands of frequency in each audio's
-    log-mel, so the model cannot lean on any one of them. feats (n_mels, sum L), lengths (n_audio,) -> a copy."""
+    log-mel, so the model cannot lean on any one of them. feats (n_mels, sum L), lengths (n_audio,), one generator
+    per audio -> a copy."""
     out = feats.clone()
     start = 0
-    for L in lengths.tolist():
+    for L, g in zip(lengths.tolist(), gens):
         piece = out[:, start: start + L]                                     # a view into `out`
         fill = piece.mean()
         for _ in range(n_time):
