@@ -107,7 +107,7 @@ def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0, tasks=None,
-             positions: str = "tmrope", speech: bool = True) -> dict:
+             positions: str = "tmrope", with_speech: bool = True) -> dict:
     model.eval()
     cfg = model.cfg
     proc = Processor(cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
@@ -127,7 +127,7 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
     utts = load_speech("test", root)
     speech = {}
     voc = {"bigvgan": [], "griffin_lim": []}
-    if speech and getattr(model, "voices", None):
+    if with_speech and getattr(model, "voices", None):
         from .codec import SpeechCodec
         mel_of = SpeechCodec(torch.zeros(1, 2 * cfg.dit.mel_dim), cfg.dit.repeats, cfg.vocoder).mel
         for v in sorted(model.voices):
@@ -201,7 +201,7 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     model, tok = load_model(a.checkpoint, dtype=torch.float32)
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed,
-                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions, speech=not a.no_speech)
+                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions, with_speech=not a.no_speech)
     text = table(res)
     print(text)
     if a.write_readme:
