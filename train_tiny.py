@@ -23,7 +23,6 @@ progress.json; atomic), logs/ (a CSV, a JSON summary and an SVG loss plot per st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import random
 import sys
@@ -37,7 +36,7 @@ from tqdm import tqdm
 
 from nano_omni.codec import SpeechCodec
 from nano_omni.config import OmniConfig, get_config, parse_override
-from nano_omni.data import (IMAGE_PIXELS, ROOT, SYSTEM, VIDEO_PIXELS, ThinkerData, load_examples, load_speech)
+from nano_omni.data import (IMAGE_PIXELS, SYSTEM, VIDEO_PIXELS, ThinkerData, load_examples, load_speech)
 from nano_omni.dit import flow_matching_loss
 from nano_omni.mel import mel_loss, multi_resolution_stft_loss
 from nano_omni.omni import Omni, Voice, save_voices
@@ -45,7 +44,7 @@ from nano_omni.pretrained import load_model
 from nano_omni.processor import Processor
 from nano_omni.tmrope import text_positions
 from nano_omni.tokenizer import ByteTokenizer, chat_template
-from nano_omni.training import (StageLog, all_sum, autocast, checkpoint_dir, clear_stage_state, cosine_lr,
+from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr,
                                 dist_info, init_distributed, load_stage_state, local_share, pick_device,
                                 save_run_checkpoint, step_generator, step_indices, token_mean_loss)
 
@@ -79,6 +78,7 @@ class TrainConfig:
     s7_lr: float = 1e-3
     s7_frames: int = 32            # vocoder training segments, mel frames
     spec_augment: bool = True      # mask stretches of time and frequency in the training audio
+    fresh_pictures: bool = True    # stage 2: a newly drawn picture for every picture-task item (nano_omni/toy.py)
     tasks: str = ""                # comma-separated tasks for the Thinker stages ("": all), e.g. video_cue_colour
     ckpt_every: int = 100
     stop_after_steps: int = 0      # stop this invocation after so many steps, as if killed (0: never)
@@ -275,11 +275,12 @@ def _speech_subset(utts: list[dict], n: int) -> list[dict]:
     return out
 
 
-def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool):
+def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool, redraw: bool = False):
     def loss_fn(step: int, module):
         idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
-        seed = (run.t.seed * 7919 + step) if run.t.spec_augment else None
-        x, labels = data.batch(idx, augment_seed=seed)
+        seed = run.t.seed * 7919 + step
+        x, labels = data.batch(idx, augment_seed=seed if run.t.spec_augment else None,
+                               redraw_seed=seed if redraw else None)
         x = x.to(run.device)
         if sequential:   # the lesson's baseline: every token one position after the last, media or not
             x.positions, _ = text_positions(x.attention_mask)
@@ -318,7 +319,8 @@ def stage_thinker(run: Run, stage: int) -> dict:
     data = ThinkerData(ex, run.proc, run.tok)
     steps = t.s2_steps if stage == 2 else t.s3_steps
     bs = t.batch_size if stage == 2 else max(2, t.batch_size // t.s3_items)
-    return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr, thinker_loss(run, data, bs, seq), th)
+    redraw = stage == 2 and t.fresh_pictures
+    return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr, thinker_loss(run, data, bs, seq, redraw), th)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,7 +350,7 @@ def tts_conversation(text: str) -> list[dict]:
 @torch.no_grad()
 def talker_items(run: Run, utterances: list[dict]) -> list[dict]:
     """Per utterance: the Talker's text track and its target codes, from one forward of the frozen Thinker."""
-    th, tk, tc = run.model.thinker, run.cfg.tokens, run.cfg.talker
+    th, tk = run.model.thinker, run.cfg.tokens
     spk = speaker_ids(run.cfg)
     emb = th.model.embed_tokens
     eos_pad = emb(torch.tensor([tk.tts_text_eos, tk.tts_text_pad], device=run.device))
@@ -480,7 +482,7 @@ def sample_codes(run: Run, it: dict, seed: int, max_codes: int = 200) -> torch.T
     """Sample one code sequence for an item with the Talker (the official sampling defaults)."""
     from nano_omni.talker import reply_text_track
 
-    tc, tk = run.cfg.talker, run.cfg.tokens
+    tc = run.cfg.talker
     T = it["prompt"].shape[0]
     talker = run.model.talker
     spk = run.model.thinker.model.embed_tokens(torch.tensor([[it["spk"]]], device=run.device))

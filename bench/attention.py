@@ -107,8 +107,8 @@ def main():
                 r = rows[-1]
                 print(f"{pattern:8s} T={T:6d} {path:12s} {r['median_ms']:10.2f} ms {r['peak_mb']:10.1f} MB", flush=True)
     print()
-    print(f"| pattern | T | path | median ms | peak MB | device |")
-    print(f"|---|---:|---|---:|---:|---|")
+    print("| pattern | T | path | median ms | peak MB | device |")
+    print("|---|---:|---|---:|---:|---|")
     for r in rows:
         print(f"| {r['pattern']} | {r['T']} | {r['path']} | {r['median_ms']:.2f} | {r['peak_mb']:.1f} | {r['device']} |")
     get = lambda pat, T, path: next(r for r in rows if r["pattern"] == pat and r["T"] == T and r["path"] == path)

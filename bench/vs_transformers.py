@@ -213,7 +213,7 @@ def main():
             "speech": bench_speech(cfg, hf, ours, device, a.reply_seconds, a.repeats, sync)}
     mode = "both Thinker decoders torch.compile'd" if a.compile else "eager"
     print(f"| measure (transformers on {HF_ATTENTION} attention, {mode}) | transformers | nano_omni | ratio |")
-    print(f"|---|---:|---:|---:|")
+    print("|---|---:|---:|---:|")
     r = rows["train"]
     print(f"| Thinker training step, tokens/s | {r['transformers_tok_s']:.0f} | {r['nano_omni_tok_s']:.0f} | {r['speedup']:.2f}x |")
     r = rows["decode"]

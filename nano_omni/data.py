@@ -21,6 +21,7 @@ import torch
 
 from .audio_io import load_audio
 from .processor import OmniInputs, Processor
+from .toy import PICTURE_QUESTIONS, draw_picture, picture_answer
 
 ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
 TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour", "text_add", "text_copy",
@@ -82,8 +83,9 @@ def conversation(ex: dict, root: str | Path = ROOT) -> tuple[list[dict], str, bo
     items = []
     if ex.get("audio"):
         items.append({"type": "audio", "audio": str(root / ex["audio"])})
-    if ex.get("image"):
-        items.append({"type": "image", "image": str(root / ex["image"])})
+    if ex.get("image") is not None:     # a path under root, or a picture in memory (fresh_picture)
+        im = ex["image"]
+        items.append({"type": "image", "image": str(root / im) if isinstance(im, (str, Path)) else im})
     aiv = False
     if ex.get("video"):
         v = ex["video"]
@@ -142,29 +144,36 @@ class ThinkerData:
     examples: dicts from load_examples (one turn each), or lists of them (one multi-turn conversation each)."""
 
     def __init__(self, examples: list, processor: Processor, tokenizer, root: str | Path = ROOT):
-        self.proc, self.tok = processor, tokenizer
-        self.items: list[Example] = []
-        tk = processor.cfg.tokens
-        assistant = tokenizer.encode("assistant\n")
-        for ex in examples:
-            group = ex if isinstance(ex, list) else [ex]
-            msgs, aiv = multi_turn(group, root)
-            try:
-                x = processor([msgs], use_audio_in_video=aiv, system=SYSTEM, add_generation_prompt=False)
-            except (ValueError, OSError) as e:
-                raise ValueError(f"example {group[-1]['id']}: {e}") from None
-            x.use_audio_in_video = True             # harmless for rows without video; lets every row share a batch
-            spans = answer_spans(x.input_ids[0].tolist(), tk.im_start, tk.im_end, assistant)
-            self.items.append(Example(x, spans, group[-1]["task"], group[-1]["answer"]))
+        self.proc, self.tok, self.root = processor, tokenizer, root
+        self.assistant = tokenizer.encode("assistant\n")
+        self.items: list[Example] = [self.example(ex) for ex in examples]
+
+    def example(self, ex) -> Example:
+        """One example dict (or a list of them: one multi-turn conversation), processed and with its answer spans."""
+        group = ex if isinstance(ex, list) else [ex]
+        msgs, aiv = multi_turn(group, self.root)
+        try:
+            x = self.proc([msgs], use_audio_in_video=aiv, system=SYSTEM, add_generation_prompt=False)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"example {group[-1]['id']}: {e}") from None
+        x.use_audio_in_video = True             # harmless for rows without video; lets every row share a batch
+        tk = self.proc.cfg.tokens
+        spans = answer_spans(x.input_ids[0].tolist(), tk.im_start, tk.im_end, self.assistant)
+        return Example(x, spans, group[-1]["task"], group[-1]["answer"])
 
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, idx: list[int], augment_seed: int | None = None) -> tuple[OmniInputs, torch.Tensor]:
-        """(inputs, labels (B, T)) for the items `idx`, right-padded. With a seed, the audio features are masked
-        SpecAugment-style (training only); each item's masks depend only on (seed, item), so they do not change
-        with how a batch is split over processes."""
+    def batch(self, idx: list[int], augment_seed: int | None = None,
+              redraw_seed: int | None = None) -> tuple[OmniInputs, torch.Tensor]:
+        """(inputs, labels (B, T)) for the items `idx`, right-padded. With augment_seed, the audio features are
+        masked SpecAugment-style; with redraw_seed, every single-turn picture task gets a freshly drawn picture
+        (and its answer) in place of the committed one. Training only; both depend only on (seed, item), so they
+        do not change with how a batch is split over processes."""
         items = [self.items[i] for i in idx]
+        if redraw_seed is not None:
+            items = [self.example(fresh_picture(it.task, redraw_seed * 1_000_003 + i))
+                     if it.task in PICTURE_QUESTIONS and len(it.answer_spans) == 1 else it for i, it in zip(idx, items)]
         x = self.proc.collate([it.inputs for it in items], padding_side="right")
         if augment_seed is not None and x.audio_features is not None:
             gens = [torch.Generator().manual_seed(augment_seed * 1_000_003 + i)
@@ -187,6 +196,14 @@ class ThinkerData:
             p.attention_mask = torch.ones_like(p.input_ids)
             out.append(p)
         return self.proc.collate(out, padding_side="left")
+
+
+def fresh_picture(task: str, seed: int) -> dict:
+    """A new example of picture task `task` ("image_shape", "image_colour" or "image_count"): a picture drawn in
+    memory by the generator of tiny_data/, seeded by `seed`."""
+    im, meta = draw_picture(np.random.default_rng(seed))
+    return {"id": f"fresh-{task}-{seed}", "task": task, "question": PICTURE_QUESTIONS[task],
+            "answer": picture_answer(task, meta), "image": im}
 
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, gens: list[torch.Generator], n_time: int = 2,

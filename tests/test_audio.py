@@ -1,5 +1,4 @@
 """Audio: reading and resampling, Whisper log-mel parity, encoder parity, streaming prefill, bad input."""
-import math
 
 import numpy as np
 import pytest

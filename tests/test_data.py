@@ -112,3 +112,48 @@ def test_codec_is_deterministic_and_round_trips(tmp_path):
         SpeechCodec.load(tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match=r"codes must be a 1-D tensor of ids in \[0, 32\)"):
         a.decode_mel(torch.tensor([40]))
+
+
+def test_toy_pictures_redraw_the_committed_ones():
+    """nano_omni.toy draws exactly what tiny_data holds: a committed picture redrawn from its metadata is the same
+    picture, pixel for pixel (the generator and training share one drawing function)."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from nano_omni.toy import COLOURS, IMAGE_SIZE, draw_shape
+
+    for e in load_examples("test", tasks={"image_shape"})[:5]:
+        im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))
+        for cx, cy in e["positions"]:
+            draw_shape(ImageDraw.Draw(im), e["shape"], cx, cy, e["radius"], COLOURS[e["colour"]])
+        assert np.array_equal(np.asarray(im), np.asarray(Image.open(ROOT / e["image"]).convert("RGB")))
+
+
+def test_fresh_pictures_replace_picture_items_only(data_copy):
+    import numpy as np
+
+    from nano_omni.data import fresh_picture
+    from nano_omni.toy import COLOURS
+
+    a, b = fresh_picture("image_colour", 7), fresh_picture("image_colour", 7)
+    assert a["answer"] == b["answer"] and np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+    assert not np.array_equal(np.asarray(a["image"]), np.asarray(fresh_picture("image_colour", 8)["image"]))
+    px = np.asarray(a["image"]).reshape(-1, 3)
+    assert np.all(px[px.sum(1) > 0] == COLOURS[a["answer"]])           # the answer is the colour drawn
+
+    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
+    ex = load_examples("train", data_copy)
+    d = ThinkerData(ex, Processor(CFG, tok), tok, data_copy)
+    idx = list(range(len(ex)))
+    x0, l0 = d.batch(idx)
+    x1, l1 = d.batch(idx, redraw_seed=3)
+    x2, _ = d.batch(idx, redraw_seed=3)
+    assert torch.equal(x1.pixel_values, x2.pixel_values) and torch.equal(x1.input_ids, x2.input_ids)
+    assert not torch.equal(x0.pixel_values, x1.pixel_values)
+    for i, e in enumerate(ex):
+        answer = tok.decode(x1.input_ids[i][l1[i] != -100])
+        if e["task"].startswith("image_"):
+            assert answer == fresh_picture(e["task"], 3 * 1_000_003 + i)["answer"] + "<|im_end|>"
+        else:   # audio, video and text items are the committed ones
+            assert answer == e["answer"] + "<|im_end|>"
+            assert torch.equal(x0.input_ids[i][l0[i] != -100], x1.input_ids[i][l1[i] != -100])

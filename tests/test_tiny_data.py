@@ -13,6 +13,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from nano_omni.toy import IMAGE_SIZE
+
 ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
 _spec = importlib.util.spec_from_file_location("make_data", ROOT / "make_data.py")
 gen = importlib.util.module_from_spec(_spec)
@@ -79,7 +81,7 @@ def test_every_file_exists_loads_and_belongs_to_one_split(data):
             assert len(wav) > 0 and np.abs(wav).max() > 1000, p          # not silent
         elif p.endswith(".png"):
             with Image.open(path) as im:
-                assert (im.mode, im.size) == ("RGB", (gen.IMAGE_SIZE, gen.IMAGE_SIZE)), p
+                assert (im.mode, im.size) == ("RGB", (IMAGE_SIZE, IMAGE_SIZE)), p
                 im.load()
         elif p.endswith(".npz"):
             frames = np.load(path)["frames"]

@@ -39,16 +39,13 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
+from nano_omni.toy import (COLOURS, DIGITS, NUMBERS, PICTURE_QUESTIONS, SHAPES, draw_picture, draw_shape,
+                           picture_answer, place)
+
 SR = 16000
 VOICES = ("slt", "rms", "awb", "kal16")
 # flite's int_f0_target_mean moves the pitch of these voices (rms ignores it; its renderings vary in tempo only).
 F0_BASE = {"slt": 170.0, "awb": 131.0, "kal16": 97.0}
-DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-NUMBERS = DIGITS + ("ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
-                    "eighteen", "nineteen", "twenty")
-COLOURS = {"red": (230, 25, 25), "green": (30, 190, 40), "blue": (40, 90, 255),
-           "yellow": (250, 225, 20), "purple": (165, 60, 230), "orange": (255, 140, 0)}
-SHAPES = ("circle", "square", "triangle", "star", "cross")
 PHRASES = ("hello there", "good morning", "good night", "thank you", "see you later", "how are you",
            "yes please", "no thanks")
 CUE_WORD = "now"
@@ -62,14 +59,12 @@ N_HELD_OUT_PAIRS = 5     # "<colour> <shape>" pairs heard only in test
 N_IMAGES = {"train": 400, "test": 60}
 N_VIDEOS = {"train": 400, "test": 60}
 N_TEXT = {"train": 400, "test": 60}
-IMAGE_SIZE, VIDEO_SIZE, VIDEO_FPS, VIDEO_SECONDS = 84, 56, 2.0, 4
+VIDEO_SIZE, VIDEO_FPS, VIDEO_SECONDS = 56, 2.0, 4
 CUE_MARGIN = 0.3         # seconds between the cue's midpoint and any colour change
 
 QUESTIONS = {
     "asr": "what does the voice say?",
-    "image_shape": "what shape is this?",
-    "image_colour": "what colour is the shape?",
-    "image_count": "how many shapes are there?",
+    **PICTURE_QUESTIONS,
     "video_cue_colour": f"what colour was the shape when the voice said {CUE_WORD}?",
 }
 ADD_TEMPLATES = ("what is {a} plus {b}?", "add {a} and {b}.", "{a} and {b} make what?")
@@ -186,36 +181,6 @@ def make_speech(root: Path, rng: np.random.Generator, tmp: Path) -> tuple[list[d
 # ----------------------------------------------------------------------------------------------------------------
 # Pictures.
 # ----------------------------------------------------------------------------------------------------------------
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, rgb: tuple) -> None:
-    """A filled shape of half-size r centred on (cx, cy); every shape covers its own centre pixel."""
-    if shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
-    elif shape == "square":
-        h = round(r * 0.85)                                   # a square of side 2r would look bigger than the rest
-        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=rgb)
-    elif shape == "triangle":                                 # equilateral, centroid at (cx, cy)
-        draw.polygon([(cx, cy - r), (cx - 0.87 * r, cy + 0.5 * r), (cx + 0.87 * r, cy + 0.5 * r)], fill=rgb)
-    elif shape == "star":                                     # five points, inner radius 0.45 r
-        angles = np.pi / 2 + np.arange(10) * np.pi / 5
-        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
-        draw.polygon([(cx + a * np.cos(t), cy - a * np.sin(t)) for a, t in zip(radii, angles)], fill=rgb)
-    elif shape == "cross":                                    # a plus sign with arms 0.35 r thick each side
-        t = round(r * 0.35)
-        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=rgb)
-        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=rgb)
-    else:
-        raise ValueError(f"unknown shape {shape!r}")
-
-
-def place(rng: np.random.Generator, count: int, r: int, size: int) -> list[list[int]]:
-    """`count` centres inside a size x size picture, 2 px from the border, shapes at least 4 px apart."""
-    while True:
-        centres = rng.integers(r + 2, size - r - 2, size=(count, 2))
-        gaps = [np.hypot(*(centres[i] - centres[j])) for i in range(count) for j in range(i)]
-        if all(g >= 2 * r + 4 for g in gaps):
-            return centres.tolist()
-
-
 def make_images(root: Path, rng: np.random.Generator) -> dict:
     """Each picture serves three examples (shape, colour, count), all in the picture's split."""
     (root / "images").mkdir()
@@ -223,18 +188,13 @@ def make_images(root: Path, rng: np.random.Generator) -> dict:
     for split, n in N_IMAGES.items():
         out[split] = {"image_shape": [], "image_colour": [], "image_count": []}
         for i in range(n):
-            shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
-            count, r = int(rng.integers(1, 4)), int(rng.integers(9, 13))
-            centres = place(rng, count, r, IMAGE_SIZE)
-            im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))
-            for cx, cy in centres:
-                draw_shape(ImageDraw.Draw(im), shape, cx, cy, r, COLOURS[colour])
+            im, meta = draw_picture(rng)
             path = f"images/{split}-{i:04d}.png"
             im.save(root / path, optimize=True)
-            meta = {"image": path, "shape": shape, "colour": colour, "count": count, "positions": centres,
-                    "radius": r}
-            for task, answer in (("image_shape", shape), ("image_colour", colour), ("image_count", NUMBERS[count])):
-                out[split][task].append({"task": task, "question": QUESTIONS[task], "answer": answer, **meta})
+            meta = {"image": path, **meta}
+            for task in ("image_shape", "image_colour", "image_count"):
+                out[split][task].append({"task": task, "question": QUESTIONS[task], "answer": picture_answer(task, meta),
+                                         **meta})
     return out
 
 

@@ -1,0 +1,70 @@
+"""The toy world of tiny_data/: its words and its pictures, shared by the generator script and by training.
+
+tiny_data/make_data.py draws the committed pictures with `draw_picture`; training (train_tiny.py, stage 2) can
+draw fresh ones with the same function at every step (`--train.fresh_pictures`). A vision encoder of this size
+memorises 400 pictures long before it learns what a star looks like; an endless supply of new pictures of the
+same kind is what makes it learn the shapes. The held-out test pictures are never redrawn: they are other
+draws from the same distribution, exactly as the committed train pictures are.
+"""
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+DIGITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NUMBERS = DIGITS + ("ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen",
+                    "eighteen", "nineteen", "twenty")
+COLOURS = {"red": (230, 25, 25), "green": (30, 190, 40), "blue": (40, 90, 255),
+           "yellow": (250, 225, 20), "purple": (165, 60, 230), "orange": (255, 140, 0)}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+IMAGE_SIZE = 84
+PICTURE_QUESTIONS = {"image_shape": "what shape is this?",
+                     "image_colour": "what colour is the shape?",
+                     "image_count": "how many shapes are there?"}
+
+
+def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, rgb: tuple) -> None:
+    """A filled shape of half-size r centred on (cx, cy); every shape covers its own centre pixel."""
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=rgb)
+    elif shape == "square":
+        h = round(r * 0.85)                                   # a square of side 2r would look bigger than the rest
+        draw.rectangle((cx - h, cy - h, cx + h, cy + h), fill=rgb)
+    elif shape == "triangle":                                 # equilateral, centroid at (cx, cy)
+        draw.polygon([(cx, cy - r), (cx - 0.87 * r, cy + 0.5 * r), (cx + 0.87 * r, cy + 0.5 * r)], fill=rgb)
+    elif shape == "star":                                     # five points, inner radius 0.45 r
+        angles = np.pi / 2 + np.arange(10) * np.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, r, 0.45 * r)
+        draw.polygon([(cx + a * np.cos(t), cy - a * np.sin(t)) for a, t in zip(radii, angles)], fill=rgb)
+    elif shape == "cross":                                    # a plus sign with arms 0.35 r thick each side
+        t = round(r * 0.35)
+        draw.rectangle((cx - r, cy - t, cx + r, cy + t), fill=rgb)
+        draw.rectangle((cx - t, cy - r, cx + t, cy + r), fill=rgb)
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+
+
+def place(rng: np.random.Generator, count: int, r: int, size: int) -> list[list[int]]:
+    """`count` centres inside a size x size picture, 2 px from the border, shapes at least 4 px apart."""
+    while True:
+        centres = rng.integers(r + 2, size - r - 2, size=(count, 2))
+        gaps = [np.hypot(*(centres[i] - centres[j])) for i in range(count) for j in range(i)]
+        if all(g >= 2 * r + 4 for g in gaps):
+            return centres.tolist()
+
+
+def draw_picture(rng: np.random.Generator) -> tuple[Image.Image, dict]:
+    """One toy picture: 1-3 copies of one shape in one colour on black, and what it shows
+    {"shape", "colour", "count", "positions", "radius"}."""
+    shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
+    count, r = int(rng.integers(1, 4)), int(rng.integers(9, 13))
+    centres = place(rng, count, r, IMAGE_SIZE)
+    im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))
+    for cx, cy in centres:
+        draw_shape(ImageDraw.Draw(im), shape, cx, cy, r, COLOURS[colour])
+    return im, {"shape": shape, "colour": colour, "count": count, "positions": centres, "radius": r}
+
+
+def picture_answer(task: str, meta: dict) -> str:
+    """The answer a picture task expects for a picture described by `meta`."""
+    return {"image_shape": meta["shape"], "image_colour": meta["colour"], "image_count": NUMBERS[meta["count"]]}[task]
