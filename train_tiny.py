@@ -46,7 +46,8 @@ from nano_omni.tmrope import text_positions
 from nano_omni.tokenizer import ByteTokenizer, chat_template
 from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr,
                                 dist_info, init_distributed, load_stage_state, local_share, pick_device,
-                                save_run_checkpoint, step_generator, step_indices, token_mean_loss)
+                                save_run_checkpoint, step_generator, step_indices, task_step_indices,
+                                token_mean_loss)
 
 STAGES = {1: "encoders", 2: "multimodal", 3: "long", 4: "talker", 5: "dpo", 6: "dit", 7: "vocoder"}
 DEFAULT_STAGES = [1, 2, 3, 4, 6, 7]
@@ -61,7 +62,7 @@ class TrainConfig:
     warmup: int = 50
     s1_proj_steps: int = 60
     s1_enc_steps: int = 90
-    s2_steps: int = 1800
+    s2_steps: int = 3200
     s3_steps: int = 120
     s3_items: int = 3              # examples per conversation in stage 3
     s4_steps: int = 2000
@@ -79,6 +80,7 @@ class TrainConfig:
     s7_frames: int = 32            # vocoder training segments, mel frames
     spec_augment: bool = True      # mask stretches of time and frequency in the training audio
     fresh_pictures: bool = True    # stage 2: a newly drawn picture for every picture-task item (nano_omni/toy.py)
+    task_batches: bool = True      # stages 1-2: every batch holds one task, tasks take turns (else: mixed batches)
     tasks: str = ""                # comma-separated tasks for the Thinker stages ("": all), e.g. video_cue_colour
     ckpt_every: int = 100
     stop_after_steps: int = 0      # stop this invocation after so many steps, as if killed (0: never)
@@ -275,9 +277,18 @@ def _speech_subset(utts: list[dict], n: int) -> list[dict]:
     return out
 
 
-def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool, redraw: bool = False):
+def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool, redraw: bool = False,
+                 by_task: bool = False):
+    groups = {}
+    for i, it in enumerate(data.items):
+        groups.setdefault(it.task, []).append(i)
+    groups = [groups[k] for k in sorted(groups)]
+
     def loss_fn(step: int, module):
-        idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
+        if by_task:
+            idx = local_share(task_step_indices(groups, batch_size, step, run.t.seed))
+        else:
+            idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
         seed = run.t.seed * 7919 + step
         x, labels = data.batch(idx, augment_seed=seed if run.t.spec_augment else None,
                                redraw_seed=seed if redraw else None)
@@ -307,7 +318,7 @@ def stage_thinker(run: Run, stage: int) -> dict:
             for m in trainable:
                 m.requires_grad_(True)
             out[part] = run.loop(1, f"encoders_{part}", th.parameters(), steps, t.lr,
-                                 thinker_loss(run, data, t.batch_size, seq), th)
+                                 thinker_loss(run, data, t.batch_size, seq, by_task=t.task_batches), th)
         th.requires_grad_(True)
         return out
     th.requires_grad_(True)
@@ -319,8 +330,9 @@ def stage_thinker(run: Run, stage: int) -> dict:
     data = ThinkerData(ex, run.proc, run.tok)
     steps = t.s2_steps if stage == 2 else t.s3_steps
     bs = t.batch_size if stage == 2 else max(2, t.batch_size // t.s3_items)
-    redraw = stage == 2 and t.fresh_pictures
-    return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr, thinker_loss(run, data, bs, seq, redraw), th)
+    loss = thinker_loss(run, data, bs, seq, redraw=stage == 2 and t.fresh_pictures,
+                        by_task=stage == 2 and t.task_batches)
+    return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr, loss, th)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -436,7 +448,9 @@ def stage_dpo(run: Run) -> dict:
     """Direct preference optimisation (Rafailov et al. 2023), as the paper's Talker stage 2:
         L = -log sigmoid( beta [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
     For each text, two sampled code sequences are made into speech and transcribed by the trained Thinker; the
-    one with the lower word error rate is preferred (y_w), the other rejected (y_l). ref is a frozen copy."""
+    one with the lower word error rate is preferred (y_w), the other rejected (y_l); on equal error rates, the one
+    whose length is closer to the real recording's (the paper also ranks by pauses, i.e. timing). ref is a
+    frozen copy."""
     import copy
 
     from nano_omni.evaluate import transcribe, word_error_rate   # the Thinker as a speech recogniser
@@ -456,12 +470,12 @@ def stage_dpo(run: Run) -> dict:
             v = voices[u["speaker"]]
             wav = run.model.token2wav(codes[None], v.cond, v.ref_mel)[0]
             heard = transcribe(run.model, run.proc, [wav])[0]
-            cands.append((word_error_rate(u["transcript"], heard), codes))
+            cands.append(((word_error_rate(u["transcript"], heard), abs(codes.numel() - it["codes"].numel())), codes))
         if len(cands) == 2 and cands[0][0] != cands[1][0]:
             cands.sort(key=lambda c: c[0])
             pairs.append((it, cands[0][1], cands[1][1]))
     if not pairs:
-        return {"stage": "5_dpo", "skipped": "no pair of samples differed in word error rate"}
+        return {"stage": "5_dpo", "skipped": "no pair of samples differed in word error rate or length"}
     run.model.talker.requires_grad_(True)
 
     def loss_fn(step, module):

@@ -85,6 +85,16 @@ def step_indices(n_items: int, batch_size: int, step: int, seed: int) -> list[in
     return perm[k * batch_size: (k + 1) * batch_size].tolist()
 
 
+def task_step_indices(groups: list[list[int]], batch_size: int, step: int, seed: int) -> list[int]:
+    """The global batch of a step when every batch holds items of one group only (one task): steps come in rounds
+    of len(groups), each group serving one batch per round in a seeded order; within a group, items come epoch by
+    epoch from its own seeded permutation (as in step_indices). Tasks then share the steps equally, and a batch
+    is padded only to the lengths of its own task (a video row no longer makes 31 text rows 200 tokens long)."""
+    rnd, k = divmod(step, len(groups))
+    g = int(torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 10_007 + rnd))[k])
+    return [groups[g][i] for i in step_indices(len(groups[g]), batch_size, rnd, seed * 31 + g)]
+
+
 def local_share(indices: list[int]) -> list[int]:
     rank, world = dist_info()
     return indices[rank::world]

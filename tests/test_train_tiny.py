@@ -150,3 +150,23 @@ def test_sample_bad_input(quick_run, tmp_path):
     res = _sample("--checkpoint", ck, "--text", "hi", "--out", str(tmp_path / "nope" / "x.wav"), check=False)
     assert res.returncode != 0 and "does not exist" in res.stderr
     assert "no model at" in _sample("--checkpoint", str(tmp_path / "missing"), "--text", "hi", check=False).stderr
+
+
+def test_task_batches_take_turns():
+    """--train.task_batches: every batch is one task's, each round serves every task once, and each task's items
+    come epoch by epoch (none repeats before all have been used)."""
+    from nano_omni.training import task_step_indices
+
+    groups = [list(range(0, 10)), list(range(10, 13)), list(range(13, 40))]
+    seen = {g: [] for g in range(3)}
+    for rnd in range(6):
+        served = set()
+        for k in range(3):
+            b = task_step_indices(groups, 3, rnd * 3 + k, seed=5)
+            assert b == task_step_indices(groups, 3, rnd * 3 + k, seed=5) and len(b) == 3
+            g = [i for i, grp in enumerate(groups) if b[0] in grp][0]
+            assert all(i in groups[g] for i in b) and g not in served
+            served.add(g)
+            seen[g] += b
+    assert sorted(seen[0][:9]) == sorted(set(seen[0][:9]))               # 3 batches of 3 from 10 items: no repeats
+    assert sorted(seen[1][:3]) == groups[1]                              # a 3-item task: one batch per epoch
