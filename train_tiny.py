@@ -78,9 +78,11 @@ class TrainConfig:
     s7_batch_size: int = 8
     s7_lr: float = 1e-3
     s7_frames: int = 32            # vocoder training segments, mel frames
-    spec_augment: bool = True      # mask stretches of time and frequency in the training audio
+    spec_augment: bool = False     # mask stretches of time and frequency in the training audio (hurts at this
+                                   # budget: ASR alone, 400 steps, held-out exact match 23 % with it, 30 % without)
     fresh_pictures: bool = True    # stage 2: a newly drawn picture for every picture-task item (nano_omni/toy.py)
     task_batches: bool = True      # stages 1-2: every batch holds one task, tasks take turns (else: mixed batches)
+    task_turns: str = "asr=2"      # with task_batches: turns per round of the tasks that take more than one
     tasks: str = ""                # comma-separated tasks for the Thinker stages ("": all), e.g. video_cue_colour
     ckpt_every: int = 100
     stop_after_steps: int = 0      # stop this invocation after so many steps, as if killed (0: never)
@@ -277,12 +279,27 @@ def _speech_subset(utts: list[dict], n: int) -> list[dict]:
     return out
 
 
+def task_turns(spec: str) -> dict:
+    """--train.task_turns="asr=2,text_add=2" -> {"asr": 2, "text_add": 2}, with a clear error for anything else."""
+    from nano_omni.data import TASKS
+
+    out = {}
+    for kv in filter(None, spec.split(",")):
+        k, _, v = kv.partition("=")
+        if k not in TASKS or not v.isdigit() or int(v) < 1:
+            raise SystemExit(f"--train.task_turns: {kv!r} is not task=N with a known task ({', '.join(TASKS)}) "
+                             "and N >= 1")
+        out[k] = int(v)
+    return out
+
+
 def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool, redraw: bool = False,
                  by_task: bool = False):
     groups = {}
     for i, it in enumerate(data.items):
         groups.setdefault(it.task, []).append(i)
-    groups = [groups[k] for k in sorted(groups)]
+    turns = task_turns(run.t.task_turns)
+    groups = [groups[k] for k in sorted(groups) for _ in range(turns.get(k, 1))]
 
     def loss_fn(step: int, module):
         if by_task:

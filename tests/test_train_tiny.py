@@ -170,3 +170,10 @@ def test_task_batches_take_turns():
             seen[g] += b
     assert sorted(seen[0][:9]) == sorted(set(seen[0][:9]))               # 3 batches of 3 from 10 items: no repeats
     assert sorted(seen[1][:3]) == groups[1]                              # a 3-item task: one batch per epoch
+
+
+@pytest.mark.parametrize("spec", ["asr=0", "asr", "speech=2", "asr=two"])
+def test_bad_task_turns_are_named(spec):
+    with pytest.raises(SystemExit, match="task_turns"):
+        train_tiny.task_turns(spec)
+    assert train_tiny.task_turns("asr=2,text_add=3") == {"asr": 2, "text_add": 3}
