@@ -299,6 +299,8 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
     for i, it in enumerate(data.items):
         groups.setdefault(it.task, []).append(i)
     turns = task_turns(run.t.task_turns)
+    # A task with n turns enters as n groups: each copy walks its own permutation, so the task's items come
+    # epoch by epoch per copy, not across copies (the shipped checkpoint was trained this way).
     groups = [groups[k] for k in sorted(groups) for _ in range(turns.get(k, 1))]
 
     def loss_fn(step: int, module):

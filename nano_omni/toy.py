@@ -59,10 +59,16 @@ def draw_picture(rng: np.random.Generator) -> tuple[Image.Image, dict]:
     shape, colour = SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))]
     count, r = int(rng.integers(1, 4)), int(rng.integers(9, 13))
     centres = place(rng, count, r, IMAGE_SIZE)
+    return render_picture(shape, colour, centres, r), {"shape": shape, "colour": colour, "count": count,
+                                                        "positions": centres, "radius": r}
+
+
+def render_picture(shape: str, colour: str, positions: list, r: int) -> Image.Image:
+    """The picture that a toy picture's metadata describes: `shape` in `colour` at each centre, on black."""
     im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))
-    for cx, cy in centres:
+    for cx, cy in positions:
         draw_shape(ImageDraw.Draw(im), shape, cx, cy, r, COLOURS[colour])
-    return im, {"shape": shape, "colour": colour, "count": count, "positions": centres, "radius": r}
+    return im
 
 
 def picture_answer(task: str, meta: dict) -> str:

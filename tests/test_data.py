@@ -118,14 +118,12 @@ def test_toy_pictures_redraw_the_committed_ones():
     """nano_omni.toy draws exactly what tiny_data holds: a committed picture redrawn from its metadata is the same
     picture, pixel for pixel (the generator and training share one drawing function)."""
     import numpy as np
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    from nano_omni.toy import COLOURS, IMAGE_SIZE, draw_shape
+    from nano_omni.toy import render_picture
 
     for e in load_examples("test", tasks={"image_shape"})[:5]:
-        im = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (0, 0, 0))
-        for cx, cy in e["positions"]:
-            draw_shape(ImageDraw.Draw(im), e["shape"], cx, cy, e["radius"], COLOURS[e["colour"]])
+        im = render_picture(e["shape"], e["colour"], e["positions"], e["radius"])
         assert np.array_equal(np.asarray(im), np.asarray(Image.open(ROOT / e["image"]).convert("RGB")))
 
 
