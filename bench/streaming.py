@@ -12,6 +12,7 @@ growth; CUDA: torch.cuda.max_memory_allocated).
 
     python bench/streaming.py                                   # tiny preset, CPU: a table, then one JSON line
     python bench/streaming.py --preset qwen2_5_omni_7b          # the 7B-shaped model, on a GPU when present
+    python bench/streaming.py --preset qwen2_5_omni_7b --layers 1   # 7B widths, one layer each (a CPU can hold it)
 Goal for the tiny preset on a 2-core CPU: first PCM <= 150 ms after the first text token, RTF <= 0.25.
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: int, repeats: int, threads: int) -> dict:
+def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: int, repeats: int, threads: int,
+             layers: int = 0) -> dict:
     import torch
 
     from nano_omni.attention import use_backend
@@ -45,6 +47,9 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
     if dev == "cpu":
         torch.set_num_threads(threads)
     cfg = get_config(preset)
+    if layers:
+        from common import few_layers
+        cfg = few_layers(cfg, layers)
     torch.manual_seed(0)
     with torch.device(dev):
         model = Omni(cfg).eval()
@@ -122,7 +127,7 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
     runs = runs[1:] if len(runs) > 1 else runs            # the first request warms caches and lazy kernels
     med = lambda k: statistics.median(r[k] for r in runs)
     ms = lambda s: round(1e3 * s, 2)
-    return {"preset": preset, "device": dev, "threads": threads if dev == "cpu" else None, "solver": solver,
+    return {"preset": preset, "layers": layers or None, "device": dev, "threads": threads if dev == "cpu" else None, "solver": solver,
             "ode_steps": t2w_kw["steps"], "backend": backend,
             "prefill_ms": ms(statistics.median(pre)), "first_text_ms": ms(med("first_text")),
             "first_codec_ms": ms(med("first_codec")), "first_mel_ms": ms(med("first_mel")),
@@ -136,6 +141,7 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--layers", type=int, default=0, help="fewer layers, real widths (0: the preset's)")
     ap.add_argument("--text-tokens", type=int, default=24)
     ap.add_argument("--codes", type=int, default=250, help="speech codes per request (50 per second)")
     ap.add_argument("--repeats", type=int, default=4)
@@ -143,13 +149,14 @@ def main():
     ap.add_argument("--case", nargs=2, metavar=("SOLVER", "BACKEND"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
-        print(json.dumps(run_case(a.preset, a.case[0], a.case[1], a.text_tokens, a.codes, a.repeats, a.threads)))
+        print(json.dumps(run_case(a.preset, a.case[0], a.case[1], a.text_tokens, a.codes, a.repeats, a.threads, a.layers)))
         return
     rows = []
     for solver in ("euler", "rk4"):
         for backend in ("fused", "manual"):
             cmd = [sys.executable, __file__, "--case", solver, backend, "--preset", a.preset, "--text-tokens",
-                   str(a.text_tokens), "--codes", str(a.codes), "--repeats", str(a.repeats), "--threads", str(a.threads)]
+                   str(a.text_tokens), "--codes", str(a.codes), "--repeats", str(a.repeats), "--threads", str(a.threads),
+                   "--layers", str(a.layers)]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode:
                 raise SystemExit(f"case {solver}/{backend} failed:\n{out.stderr}")
@@ -166,7 +173,7 @@ def main():
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
     default = next(r for r in rows if r["backend"] == "fused" and
                    r["solver"] == __import__("nano_omni.config", fromlist=["get_config"]).get_config(a.preset).dit.ode_solver)
-    summary = {"bench": "streaming", "preset": a.preset, "device": rows[0]["device"], "threads": rows[0]["threads"],
+    summary = {"bench": "streaming", "preset": a.preset, "layers": a.layers or None, "device": rows[0]["device"], "threads": rows[0]["threads"],
                "default_solver": default["solver"], "first_pcm_after_first_text_ms": default["first_pcm_after_first_text_ms"],
                "rtf": default["rtf"], "goal_first_pcm_ms": 150, "goal_rtf": 0.25,
                "meets_goals": default["first_pcm_after_first_text_ms"] <= 150 and default["rtf"] <= 0.25, "rows": rows}

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from common import few_layers
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # reference.py: the transformers builders
 
 HF_ATTENTION = "sdpa"   # transformers' attention kernel here: PyTorch SDPA, the fastest it offers on a CPU
@@ -57,9 +59,7 @@ def build(preset: str, layers: int | None, device):
         from nano_omni.config import get_config
         cfg = get_config(preset)
     if layers:
-        cfg = cfg.replace(**{"thinker.n_layer": layers, "talker.n_layer": layers, "audio.n_layer": 1, "vision.n_layer": 1,
-                             "vision.fullatt_block_indexes": [0], "dit.n_layer": max(3, min(cfg.dit.n_layer, layers)),
-                             "dit.look_ahead_layers": [1], "dit.look_backward_layers": [0, 2]})
+        cfg = few_layers(cfg, layers)
     with torch.device(device):
         hf = hf_omni(cfg, seed=0).to(device)
         ours = Omni(cfg).to(device).eval()

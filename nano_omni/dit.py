@@ -301,7 +301,7 @@ class DiT(nn.Module):
         c = self.prepare(codes, cond, ref_mel, code_lens, guided=guidance > 0)
         B, T, M = codes.shape[0], c.feats.shape[1], self.cfg.mel_dim
         if noise is None:
-            noise = torch.randn(B, T, M, generator=generator, device=ref_mel.device, dtype=ref_mel.dtype)
+            noise = _draw(torch.randn, (B, T, M), generator, ref_mel)
         check_tensor("noise", noise, 3, last=M)
         if noise.shape[:2] != (B, T):
             raise ValueError(f"noise must have shape {(B, T, M)} (T = repeats * codes), got {tuple(noise.shape)}")
@@ -336,10 +336,10 @@ def flow_matching_loss(dit: DiT, mel, codes, cond, ref_mel, code_lens=None, *, t
     if mel.shape[:2] != (B, T):
         raise ValueError(f"mel must have shape {(B, T, dit.cfg.mel_dim)} (T = repeats * codes), got {tuple(mel.shape)}")
     x1 = mel
-    x0 = torch.randn(x1.shape, generator=generator, device=x1.device, dtype=x1.dtype) if noise is None else noise
-    t = torch.rand(B, generator=generator, device=x1.device, dtype=x1.dtype) if t is None else _time(t, B, x1)
+    x0 = _draw(torch.randn, x1.shape, generator, x1) if noise is None else noise
+    t = _draw(torch.rand, (B,), generator, x1) if t is None else _time(t, B, x1)
     if drop_prob > 0:
-        keep = torch.rand(B, generator=generator, device=x1.device) >= drop_prob   # (B,)
+        keep = _draw(torch.rand, (B,), generator, x1) >= drop_prob   # (B,)
         codes, cond = codes * keep[:, None], cond * keep[:, None]
         ref_mel = ref_mel * keep[:, None, None]
     x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * x1           # a point on the straight path
@@ -446,6 +446,13 @@ def _check_lens(code_lens, B: int, N: int) -> torch.Tensor:
     if bool((lens < 1).any()) or bool((lens > N).any()):
         raise ValueError(f"code_lens must lie in [1, {N}] (the padded code length), got {lens.tolist()}")
     return lens
+
+
+def _draw(fn, shape, generator: torch.Generator | None, like: torch.Tensor) -> torch.Tensor:
+    """torch.randn / torch.rand of `shape`, drawn where the generator lives (a CPU generator can drive a CUDA run:
+    the same seed gives the same numbers on every device), returned on like's device and dtype."""
+    where = generator.device if generator is not None else like.device
+    return fn(shape, generator=generator, device=where).to(like.device, like.dtype)
 
 
 def _time(t, B: int, like: torch.Tensor) -> torch.Tensor:

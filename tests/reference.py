@@ -209,10 +209,11 @@ def hf_bigvgan(cfg, seed: int = 0):
 def randomize_(model, seed: int = 0, scale: float = 0.05):
     """Give every parameter of a reference model random values (norm gains near 1, biases non-zero), so a parity
     test also checks that gains and biases are read from the right keys."""
-    g = torch.Generator().manual_seed(seed)
+    gens = {}   # one generator per device: a model built on a GPU is filled there (the CPU values are the tests')
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
+            g = gens.setdefault(p.device, torch.Generator(device=p.device).manual_seed(seed))
+            noise = torch.randn(p.shape, generator=g, device=p.device)
             is_gain = ("norm" in name or "ln_" in name) and name.endswith("weight")
             p.copy_(1.0 + 0.1 * noise if is_gain else scale * noise)
     return model
@@ -246,18 +247,23 @@ def hf_talker(cfg: OmniConfig, seed: int = 0):
     return randomize_(Qwen2_5OmniTalkerForConditionalGeneration(hf_talker_config(cfg)).eval(), seed)
 
 
-def hf_omni(cfg: OmniConfig, seed: int = 0):
-    """A whole tiny transformers Qwen2.5-Omni (Thinker, Talker, Token2Wav) with every parameter random."""
+def hf_omni_config(cfg: OmniConfig):
+    """transformers' Qwen2_5OmniConfig (Thinker, Talker, Token2Wav) with the numbers of a nano_omni OmniConfig."""
     from transformers import Qwen2_5OmniConfig
-    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniForConditionalGeneration
 
     bv = cfg.vocoder
-    c = Qwen2_5OmniConfig(
+    return Qwen2_5OmniConfig(
         thinker_config=hf_thinker_config(cfg).to_dict(), talker_config=hf_talker_config(cfg).to_dict(),
         token2wav_config=dict(dit_config=hf_dit_config(cfg).to_dict(), bigvgan_config=dict(
             mel_dim=bv.mel_dim, upsample_initial_channel=bv.upsample_initial_channel,
             resblock_kernel_sizes=list(bv.resblock_kernel_sizes),
             resblock_dilation_sizes=[list(d) for d in bv.resblock_dilation_sizes],
             upsample_rates=list(bv.upsample_rates), upsample_kernel_sizes=list(bv.upsample_kernel_sizes))))
+
+
+def hf_omni(cfg: OmniConfig, seed: int = 0):
+    """A whole tiny transformers Qwen2.5-Omni (Thinker, Talker, Token2Wav) with every parameter random."""
+    from transformers.models.qwen2_5_omni.modeling_qwen2_5_omni import Qwen2_5OmniForConditionalGeneration
+
     torch.manual_seed(seed)
-    return randomize_(Qwen2_5OmniForConditionalGeneration(c).eval(), seed)
+    return randomize_(Qwen2_5OmniForConditionalGeneration(hf_omni_config(cfg)).eval(), seed)

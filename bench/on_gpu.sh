@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU checks, in one go, each step with its own time limit and its own log (a failed step does not stop the
+# others). Run from the repository root on a machine with a CUDA GPU and PyTorch + transformers installed:
+#     bash bench/on_gpu.sh [OUT_DIR]          # logs and JSON lines land in OUT_DIR (default: gpu_out)
+# Steps: the tiny model on the GPU (sample.py: speech, a picture question, streaming; a --quick training run with
+# bf16 autocast), the real-size load (bench/real_size.py, 7B), the streaming benchmark at 7B, and the comparison
+# with transformers at 7B widths and 4 layers (both models fp32 in one GPU's memory).
+set -u
+OUT=${1:-${OUT:-gpu_out}}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+step() {   # step NAME SECONDS COMMAND...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  echo "== $name: $*"
+  timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "== $name: rc $rc in $((SECONDS - t0)) s"
+  tail -n 4 "$OUT/$name.log"
+}
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+step tiny_say 60 python3 sample.py --device cuda --text "three seven one" --voice slt --out "$OUT/tiny_say.wav"
+step tiny_image 60 python3 sample.py --device cuda --image tiny_data/images/test-0000.png --prompt "what colour is the shape?" --speak --out "$OUT/tiny_image.wav"
+step tiny_stream 60 python3 sample.py --device cuda --text "red square" --stream --out "$OUT/tiny_stream.wav"
+step real_size_7b 200 python3 bench/real_size.py --preset qwen2_5_omni_7b --dir /tmp/omni7b
+rm -rf /tmp/omni7b
+step vs_transformers_7b 150 python3 bench/vs_transformers.py --preset qwen2_5_omni_7b --layers 4 --repeats 3
+step streaming_7b 200 python3 bench/streaming.py --preset qwen2_5_omni_7b --repeats 3 --codes 150
+step train_quick 90 python3 train_tiny.py --quick --device cuda --out "$OUT/quick_run"
+rm -rf "$OUT/quick_run"
+grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl" 2>/dev/null
+echo "== done"
