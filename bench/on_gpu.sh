@@ -20,14 +20,12 @@ step() {   # step NAME SECONDS COMMAND...
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
-step tiny_say 60 python3 sample.py --device cuda --text "three seven one" --voice slt --out "$OUT/tiny_say.wav"
-step tiny_image 60 python3 sample.py --device cuda --image tiny_data/images/test-0000.png --prompt "what colour is the shape?" --speak --out "$OUT/tiny_image.wav"
-step tiny_stream 60 python3 sample.py --device cuda --text "red square" --stream --out "$OUT/tiny_stream.wav"
-step real_size_7b 200 python3 bench/real_size.py --preset qwen2_5_omni_7b --dir /tmp/omni7b
+step tiny_say 40 python3 sample.py --device cuda --text "three seven one" --voice slt --out /tmp/tiny_say.wav
+step real_size_7b 170 python3 bench/real_size.py --preset qwen2_5_omni_7b --dir /tmp/omni7b
 rm -rf /tmp/omni7b
-step vs_transformers_7b 150 python3 bench/vs_transformers.py --preset qwen2_5_omni_7b --layers 4 --repeats 3
-step streaming_7b 200 python3 bench/streaming.py --preset qwen2_5_omni_7b --repeats 3 --codes 150
-step train_quick 90 python3 train_tiny.py --quick --device cuda --out "$OUT/quick_run"
-rm -rf "$OUT/quick_run"
+step streaming_7b 150 python3 bench/streaming.py --preset qwen2_5_omni_7b --repeats 3 --codes 100
+step vs_transformers_7b 110 python3 bench/vs_transformers.py --preset qwen2_5_omni_7b --layers 4 --repeats 3
+step tiny_image 30 python3 sample.py --device cuda --image tiny_data/images/test-0000.png --prompt "what colour is the shape?" --speak --stream --out /tmp/tiny_image.wav
+step train_quick 70 python3 train_tiny.py --quick --device cuda --out /tmp/quick_run
 grep -h '^{' "$OUT"/*.log > "$OUT/results.jsonl" 2>/dev/null
 echo "== done"
