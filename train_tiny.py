@@ -479,14 +479,13 @@ def stage_dpo(run: Run) -> dict:
     items = talker_items(run, utts)
     ref = copy.deepcopy(run.model.talker).eval().requires_grad_(False)
     pairs = []
-    voices = run.model.voices
     for it, u in zip(items, utts):   # two samples per text, ranked by how well the Thinker hears them
         cands = []
         for s in range(2):
             codes = sample_codes(run, it, seed=t.seed * 7 + s)
             if codes.numel() < 2:
                 continue
-            v = voices[u["speaker"]]
+            v = run.model.voice(u["speaker"])                # on the model's device
             wav = run.model.token2wav(codes[None], v.cond, v.ref_mel)[0]
             heard = transcribe(run.model, run.proc, [wav])[0]
             cands.append(((word_error_rate(u["transcript"], heard), abs(codes.numel() - it["codes"].numel())), codes))

@@ -82,6 +82,7 @@ def stft(wav: torch.Tensor, hop: int, n_fft: int = N_FFT) -> torch.Tensor:
     """Complex STFT with frame t centred on samples [t hop, (t + 1) hop). wav (B, N) -> (B, n_freqs, N // hop)."""
     T = wav.shape[-1] // hop
     left, right = _pads(n_fft, hop)
+    wav = wav.float() if wav.dtype in (torch.float16, torch.bfloat16) else wav   # FFTs want fp32 (bf16 autocast)
     x = F.pad(wav[:, None, :T * hop], (left, right), mode="reflect")[:, 0]  # (B, (T - 1) hop + n_fft)
     window = torch.hann_window(n_fft, dtype=wav.dtype, device=wav.device)
     return torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True)   # (B, n_freqs, T)

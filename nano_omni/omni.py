@@ -136,7 +136,10 @@ class Omni(nn.Module):
         name = name or next(iter(self.voices))
         if name not in self.voices:
             raise ValueError(f"unknown voice {name!r}; available: {sorted(self.voices)}")
-        return self.voices[name]
+        v, dev = self.voices[name], self.thinker.model.embed_tokens.weight.device
+        if v.cond.device != dev or v.ref_mel.device != dev:   # voice files are read on the CPU: follow the model
+            v = self.voices[name] = Voice(v.bos_id, v.cond.to(dev), v.ref_mel.to(dev))
+        return v
 
     # -- the glue between Thinker and Talker ---------------------------------------------------------------
     def _talker_prompt(self, inputs: OmniInputs, first: ThinkerStep, second: ThinkerStep, voice: Voice) -> TalkerPrompt:
