@@ -78,11 +78,17 @@ def _pads(n_fft: int, hop: int) -> tuple[int, int]:
     return left, n_fft - hop - left                                         # 392 and 392 for 1024 / 240
 
 
+def _fft_ready(x: torch.Tensor) -> torch.Tensor:
+    """fp16 / bf16 (e.g. a vocoder's output under bf16 autocast) -> fp32: cuFFT has no bf16 transforms and half
+    precision spectra would be too coarse for a loss anyway. Other dtypes pass unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def stft(wav: torch.Tensor, hop: int, n_fft: int = N_FFT) -> torch.Tensor:
     """Complex STFT with frame t centred on samples [t hop, (t + 1) hop). wav (B, N) -> (B, n_freqs, N // hop)."""
     T = wav.shape[-1] // hop
     left, right = _pads(n_fft, hop)
-    wav = wav.float() if wav.dtype in (torch.float16, torch.bfloat16) else wav   # FFTs want fp32 (bf16 autocast)
+    wav = _fft_ready(wav)
     x = F.pad(wav[:, None, :T * hop], (left, right), mode="reflect")[:, 0]  # (B, (T - 1) hop + n_fft)
     window = torch.hann_window(n_fft, dtype=wav.dtype, device=wav.device)
     return torch.stft(x, n_fft, hop, window=window, center=False, return_complex=True)   # (B, n_freqs, T)
@@ -154,6 +160,7 @@ def mel_spectrogram(wav: torch.Tensor, cfg: VocoderConfig | None = None) -> torc
     """
     cfg = cfg or VocoderConfig()
     _check_wav(wav, "wav", _min_samples(cfg.hop_length))
+    wav = _fft_ready(wav)
     spec = stft(wav, cfg.hop_length)                                        # (B, n_freqs, T)
     # the tiny constant keeps the gradient of the square root finite where the spectrum is exactly zero
     magnitude = (spec.real.pow(2) + spec.imag.pow(2) + 1e-12).sqrt()
@@ -236,6 +243,7 @@ def multi_resolution_stft_loss(wav_pred: torch.Tensor, wav_true: torch.Tensor,
     Both are 0 exactly when the magnitudes agree. (B, N), (B, N) -> scalar.
     """
     _check_pair(wav_pred, wav_true, max(n_fft for n_fft, _, _ in resolutions) // 2 + 1)   # mirrored ends
+    wav_pred, wav_true = _fft_ready(wav_pred), _fft_ready(wav_true)
     total = wav_pred.new_zeros(())
     for n_fft, hop, win in resolutions:
         window = torch.hann_window(win, dtype=wav_pred.dtype, device=wav_pred.device)
