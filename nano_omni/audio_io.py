@@ -99,7 +99,7 @@ def resample(wav: torch.Tensor, orig_sr: int, new_sr: int, zero_crossings: int =
     x = wav.reshape(-1, 1, n).to(torch.float32)              # (B, 1, n)
     right = (K - 1) * O + 2 * Wi + O - (n + Wi)
     x = F.pad(x, (Wi, max(right, 0)))
-    y = F.conv1d(x, kernel.to(torch.float32)[:, None, :], stride=O)   # (B, N, K): phase p of group k
+    y = F.conv1d(x, kernel.to(x.device, torch.float32)[:, None, :], stride=O)   # (B, N, K): phase p of group k
     y = y.transpose(1, 2).reshape(x.shape[0], -1)[:, :n_out]          # (B, K*N) interleaved
     return y.reshape(*wav.shape[:-1], n_out)
 

@@ -62,6 +62,10 @@ def dtw_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(acc[Ta, Tb] / steps[Ta, Tb])
 
 
+def _device(model) -> torch.device:
+    return model.thinker.model.embed_tokens.weight.device
+
+
 def _clean(tok, ids) -> str:
     tk = tok.tokens
     keep = [int(i) for i in ids if int(i) not in (tk.pad, tk.im_end)]
@@ -76,9 +80,9 @@ def answers(model, data: ThinkerData, idx: list[int], max_new_tokens: int = 24, 
 
     out = []
     for k in range(0, len(idx), batch):
-        x = data.prompts(idx[k: k + batch])
+        x = data.prompts(idx[k: k + batch]).to(_device(model))
         if positions == "sequential":
-            x.positions, x.rope_deltas = text_positions(x.attention_mask)
+            x.positions, x.rope_deltas = (t.to(x.input_ids.device) for t in text_positions(x.attention_mask))
         gen = model.thinker.generate_from(x, max_new_tokens=max_new_tokens)
         out += [_clean(data.tok, row) for row in gen.tokens]
     return out
@@ -89,9 +93,9 @@ def transcribe(model, proc: Processor, wavs_24k: list[torch.Tensor], batch: int 
     """The Thinker as a speech recogniser: 24-kHz waveforms -> their text."""
     texts = []
     for k in range(0, len(wavs_24k), batch):
-        convs = [[{"role": "user", "content": [{"type": "audio", "audio": (resample(w, 24000, 16000).numpy(), 16000)},
+        convs = [[{"role": "user", "content": [{"type": "audio", "audio": (resample(w.cpu(), 24000, 16000).numpy(), 16000)},
                                                 ASR_QUESTION]}] for w in wavs_24k[k: k + batch]]
-        x = proc(convs, system=SYSTEM)
+        x = proc(convs, system=SYSTEM).to(_device(model))
         gen = model.thinker.generate_from(x, max_new_tokens=40)
         texts += [_clean(proc.tok, row) for row in gen.tokens]
     return texts
@@ -102,7 +106,7 @@ def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
     from .data import SYSTEM as system
 
     prompt = tok.encode(chat_template([{"role": "user", "content": f"say: {text}"}], system=system))
-    return model.say(torch.tensor([prompt]), tok.encode(text), voice, seed=seed)[1]
+    return model.say(torch.tensor([prompt], device=_device(model)), tok.encode(text), voice, seed=seed)[1].cpu()
 
 
 @torch.no_grad()
@@ -143,7 +147,7 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
                          "n": len(mine), "examples": [{"text": u["transcript"], "heard": h} for u, h in zip(mine[:3], heard[:3])]}
         real = utts[: (per_voice * 4) if per_voice else len(utts)]
         mels = [mel_of(u["wav"]) for u in real]
-        bv = [model.token2wav.code2wav_bigvgan_model(m.T[None])[0] for m in mels]
+        bv = [model.token2wav.code2wav_bigvgan_model(m.T[None].to(_device(model)))[0].cpu() for m in mels]
         gl = [griffin_lim(m.T[None], cfg.vocoder)[0] for m in mels]
         for name, ws in (("bigvgan", bv), ("griffin_lim", gl)):
             heard = transcribe(model, proc, ws)
@@ -194,12 +198,15 @@ def main(argv=None):
                     help="the position ids the model was trained with")
     ap.add_argument("--no-speech", action="store_true", help="skip the speech measurements")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, mps or auto")
     ap.add_argument("--write-readme", metavar="README", help="write the table into this file between its markers")
     ap.add_argument("--json", metavar="PATH", help="also save the full results here")
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    model, tok = load_model(a.checkpoint, dtype=torch.float32)
+    from .training import pick_device
+
+    model, tok = load_model(a.checkpoint, dtype=torch.float32, device=pick_device(a.device))
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed,
                    tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions, with_speech=not a.no_speech)
     text = table(res)
