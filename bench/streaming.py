@@ -5,7 +5,10 @@ Stages, all timed from the start of the request (the prompt already tokenised):
     prefill      the Thinker's prompt pass         first_text   the first reply token leaves
     first_codec  the Talker's first code           first_mel    the DiT's first mel chunk is final
     first_pcm    the first PCM chunk leaves (the goal is measured from first_text)
-RTF = wall time of the whole request / seconds of audio produced. Lengths are fixed so runs compare: the Thinker
+    stall        playback that starts with the first PCM chunk: total time it waits for a chunk not yet out
+                 (0: the stream never runs dry, however short the first packet)
+RTF = wall time of the whole request / seconds of audio produced. A last case repeats the default sampler with
+a first DiT chunk as long as the others (3 blocks instead of 2), to show what the short first chunk buys. Lengths are fixed so runs compare: the Thinker
 writes `--text-tokens` tokens and the Talker `--codes` codes (stop ids suppressed). Weights are random: this
 measures speed, not speech. Each case runs in its own process, so its peak memory is its own (CPU: resident-set
 growth; CUDA: torch.cuda.max_memory_allocated).
@@ -32,8 +35,20 @@ def _rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def stall_seconds(chunks: list[tuple[float, int]], rate: int) -> float:
+    """Playback that starts with the first chunk and plays each one as soon as it is both due and there: the total
+    time it waits for a chunk that has not left yet (0: the stream never runs dry). chunks: (time left, samples)."""
+    clock, stall = None, 0.0
+    for t, n in chunks:
+        if clock is not None and t > clock:
+            stall += t - clock
+        clock = t if clock is None else max(clock, t)
+        clock += n / rate
+    return stall
+
+
 def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: int, repeats: int, threads: int,
-             layers: int = 0) -> dict:
+             layers: int = 0, first_chunk_blocks: int = 2) -> dict:
     import torch
 
     from nano_omni.attention import use_backend
@@ -75,13 +90,13 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
     no_stop = sorted({tc.codec_pad, tc.codec_eos, tc.codec_bos, *range(d.num_embeds + 1, tc.vocab_size)})
     talker_kw = dict(max_new_tokens=codes, stop_ids=[-1], suppress_ids=no_stop)
     thinker_kw = dict(max_new_tokens=text_tokens, stop_ids=[-1])
-    t2w_kw = dict(solver=solver, steps=10 if solver == "rk4" else d.ode_steps)
+    t2w_kw = dict(solver=solver, steps=10 if solver == "rk4" else d.ode_steps, first_chunk_blocks=first_chunk_blocks)
     sync = (lambda: torch.cuda.synchronize()) if dev == "cuda" else (lambda: None)
 
     def one_request() -> dict:
         v = model.voice("v")
         marks: dict[str, float] = {}
-        n_samples = 0
+        chunks = []                                          # (time it left, samples)
         t0 = time.perf_counter()
         t2w = model.token2wav.session(v.cond, v.ref_mel, noise=FrameNoise(0, d.mel_dim, d.block_size), **t2w_kw)
         for kind, val in model._events(x, "v", thinker_kw, talker_kw, {}, 0):
@@ -94,15 +109,15 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
             out = t2w.push(val.view(1, 1))
             sync()
             for pcm in out:
-                marks.setdefault("first_pcm", time.perf_counter() - t0)
-                n_samples += pcm.numel()
+                chunks.append((time.perf_counter() - t0, pcm.numel()))
         for pcm in t2w.finish():
-            marks.setdefault("first_pcm", time.perf_counter() - t0)
-            n_samples += pcm.numel()
+            chunks.append((time.perf_counter() - t0, pcm.numel()))
         sync()
         marks["total"] = time.perf_counter() - t0
         marks["first_mel"] = next(t for kind, t in t2w.marks if kind == "mel") - t0
-        marks["audio_s"] = n_samples / cfg.vocoder.sample_rate
+        marks["first_pcm"] = chunks[0][0]
+        marks["audio_s"] = sum(n for _, n in chunks) / cfg.vocoder.sample_rate
+        marks["stall"] = stall_seconds(chunks, cfg.vocoder.sample_rate)
         return marks
 
     with torch.inference_mode(), use_backend(backend):
@@ -128,11 +143,12 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
     med = lambda k: statistics.median(r[k] for r in runs)
     ms = lambda s: round(1e3 * s, 2)
     return {"preset": preset, "layers": layers or None, "device": dev, "threads": threads if dev == "cpu" else None, "solver": solver,
-            "ode_steps": t2w_kw["steps"], "backend": backend,
+            "ode_steps": t2w_kw["steps"], "backend": backend, "first_chunk_blocks": first_chunk_blocks,
             "prefill_ms": ms(statistics.median(pre)), "first_text_ms": ms(med("first_text")),
             "first_codec_ms": ms(med("first_codec")), "first_mel_ms": ms(med("first_mel")),
             "first_pcm_ms": ms(med("first_pcm")),
             "first_pcm_after_first_text_ms": ms(statistics.median(r["first_pcm"] - r["first_text"] for r in runs)),
+            "stall_ms": ms(med("stall")),
             "audio_s": round(med("audio_s"), 3), "total_s": round(med("total"), 3),
             "rtf": round(statistics.median(r["total"] / r["audio_s"] for r in runs), 4),
             "peak_mb": round(max(peak, 0) / 2 ** 20, 1), "runs": len(runs)}
@@ -146,33 +162,36 @@ def main():
     ap.add_argument("--codes", type=int, default=250, help="speech codes per request (50 per second)")
     ap.add_argument("--repeats", type=int, default=4)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for the tiny model)")
-    ap.add_argument("--case", nargs=2, metavar=("SOLVER", "BACKEND"), help=argparse.SUPPRESS)
+    ap.add_argument("--case", nargs=3, metavar=("SOLVER", "BACKEND", "FIRST_CHUNK_BLOCKS"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.case:
-        print(json.dumps(run_case(a.preset, a.case[0], a.case[1], a.text_tokens, a.codes, a.repeats, a.threads, a.layers)))
+        print(json.dumps(run_case(a.preset, a.case[0], a.case[1], a.text_tokens, a.codes, a.repeats, a.threads, a.layers,
+                                  int(a.case[2]))))
         return
     rows = []
-    for solver in ("euler", "rk4"):
-        for backend in ("fused", "manual"):
-            cmd = [sys.executable, __file__, "--case", solver, backend, "--preset", a.preset, "--text-tokens",
-                   str(a.text_tokens), "--codes", str(a.codes), "--repeats", str(a.repeats), "--threads", str(a.threads),
-                   "--layers", str(a.layers)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"case {solver}/{backend} failed:\n{out.stderr}")
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{solver:5s} {backend:6s} first pcm {r['first_pcm_after_first_text_ms']:8.1f} ms after first text, "
-                  f"RTF {r['rtf']:.3f}, peak {r['peak_mb']:.0f} MB", flush=True)
-    keys = ["solver", "ode_steps", "backend", "prefill_ms", "first_text_ms", "first_codec_ms", "first_mel_ms",
-            "first_pcm_ms", "first_pcm_after_first_text_ms", "rtf", "peak_mb"]
+    default_solver = __import__("nano_omni.config", fromlist=["get_config"]).get_config(a.preset).dit.ode_solver
+    # every solver x attention path with the default first chunk (2 blocks), then the default solver with a first
+    # chunk as long as the others (3 blocks), to show what the shorter first chunk buys
+    cases = [(s, b, 2) for s in ("euler", "rk4") for b in ("fused", "manual")] + [(default_solver, "fused", 3)]
+    for solver, backend, first in cases:
+        cmd = [sys.executable, __file__, "--case", solver, backend, str(first), "--preset", a.preset, "--text-tokens",
+               str(a.text_tokens), "--codes", str(a.codes), "--repeats", str(a.repeats), "--threads", str(a.threads),
+               "--layers", str(a.layers)]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode:
+            raise SystemExit(f"case {solver}/{backend}/{first} failed:\n{out.stderr}")
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        r = rows[-1]
+        print(f"{solver:5s} {backend:6s} first chunk {first} blocks: first pcm {r['first_pcm_after_first_text_ms']:8.1f} ms "
+              f"after first text, stalls {r['stall_ms']:.0f} ms, RTF {r['rtf']:.3f}, peak {r['peak_mb']:.0f} MB", flush=True)
+    keys = ["solver", "ode_steps", "backend", "first_chunk_blocks", "prefill_ms", "first_text_ms", "first_codec_ms",
+            "first_mel_ms", "first_pcm_ms", "first_pcm_after_first_text_ms", "stall_ms", "rtf", "peak_mb"]
     print()
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in rows:
         print("| " + " | ".join(str(r[k]) for k in keys) + " |")
-    default = next(r for r in rows if r["backend"] == "fused" and
-                   r["solver"] == __import__("nano_omni.config", fromlist=["get_config"]).get_config(a.preset).dit.ode_solver)
+    default = rows[cases.index((default_solver, "fused", 2))]
     summary = {"bench": "streaming", "preset": a.preset, "layers": a.layers or None, "device": rows[0]["device"], "threads": rows[0]["threads"],
                "default_solver": default["solver"], "first_pcm_after_first_text_ms": default["first_pcm_after_first_text_ms"],
                "rtf": default["rtf"], "goal_first_pcm_ms": 150, "goal_rtf": 0.25,

@@ -5,12 +5,14 @@ Like omni.py, this file only wires components (dit.py, vocoder.py) together; it 
 
 Offline:  mel = DiT.sample(all codes, noise for all frames); wav = BigVGAN(mel).
 
-Streaming (the official recipe, with our choice of vocoder overlap):
+Streaming (the official recipe's windows, with our choices of first-chunk size and vocoder overlap):
     codes arrive in pieces; frames are counted in mel frames (2 per code, 100 per second).
-    DiT   chunk i = frames [c*i, c*(i+1)) with c = 3 blocks = 72 frames (36 codes, 0.72 s). It is ready once the
-          codes of one more block (24 frames) exist. The ODE runs on the window [c*i - 2 blocks, c*(i+1) + 1 block]
-          of codes and noise, and keeps the middle. The noise is fixed per frame for the whole utterance
-          (`FrameNoise`), so a frame gets the same noise offline and in every window that contains it.
+    DiT   chunks of c = 3 blocks = 72 frames (36 codes, 0.72 s), except the first, which is f = 2 blocks (48 frames)
+          so that the first sound leaves sooner: chunk 0 = frames [0, f), chunk i = [f + c(i-1), f + ci). A chunk
+          is ready once the codes of one more block (24 frames) exist. The ODE runs on the chunk's window with
+          2 blocks of past and 1 block of future codes and noise, and keeps the middle. The noise is fixed per
+          frame for the whole utterance (`FrameNoise`), so a frame gets the same noise offline and in every window
+          that contains it.
     BigVGAN  once mel frames [0, m) are final, the samples of frames [e, m - right) can be written: the vocoder
           runs on frames [e - left, m) and keeps the samples of [e, m - right); (left, right) is its receptive
           field, so these samples equal the offline ones exactly.
@@ -23,8 +25,10 @@ official 10-step RK4 (36 evaluations) frames near a window's edge differ from th
 measure that seam error and bound it. With enough context (`past_blocks`/`future_blocks` >= evaluations x
 (back, ahead)) streaming is exact again, at the price of latency.
 
-First packet: chunk 0 needs codes for frames [0, c + 1 block) = 48 codes (official sizes); then the vocoder writes
-frames [0, c - right). `first_packet_codes()` returns that number for any configuration.
+First packet: chunk 0 needs codes for frames [0, f + 1 block) = 36 codes; then the vocoder writes frames
+[0, f - right). `first_packet_codes()` returns that number for any configuration. Why 2 blocks and not 1: the
+vocoder holds back `right` frames (18 for the tiny preset, 34 for the official one), so a 1-block first chunk would
+release almost no sound, and its short packet would run dry before the next, 3-block chunk is ready.
 """
 from __future__ import annotations
 
@@ -93,10 +97,10 @@ class Token2Wav(nn.Module):
         return (wav, mel) if return_mel else wav
 
     # -- streaming ---------------------------------------------------------------------------------------------
-    def first_packet_codes(self, chunk_blocks: int = 3, future_blocks: int = 1) -> int:
+    def first_packet_codes(self, first_chunk_blocks: int = 2, future_blocks: int = 1) -> int:
         """How many codes must exist before the first PCM chunk can leave."""
         d = self.cfg.dit
-        return -(-(chunk_blocks + future_blocks) * d.block_size // d.repeats)
+        return -(-(first_chunk_blocks + future_blocks) * d.block_size // d.repeats)
 
     def session(self, cond: torch.Tensor, ref_mel: torch.Tensor, **kw) -> "Token2WavStream":
         """A push-style streaming session: `push(codes)` returns the PCM chunks that became ready, `finish()`
@@ -108,8 +112,8 @@ class Token2Wav(nn.Module):
                stats: dict | None = None, **kw) -> Iterator[torch.Tensor]:
         """Yield PCM chunks (samples,) while codes arrive. code_pieces: (1, n) tensors of new codes, in order.
 
-        Keywords: steps, guidance, sway, solver, noise (a FrameNoise), chunk_blocks (3), past_blocks (2),
-        future_blocks (1). stats (optional dict) receives 'mel' (the streamed mel, (1, T, mel)) and
+        Keywords: steps, guidance, sway, solver, noise (a FrameNoise), first_chunk_blocks (2), chunk_blocks (3),
+        past_blocks (2), future_blocks (1). stats (optional dict) receives 'mel' (the streamed mel, (1, T, mel)) and
         'codes_at_chunk' (how many codes had arrived when each PCM chunk left).
         """
         s = self.session(cond, ref_mel, **kw)
@@ -125,13 +129,18 @@ class Token2WavStream:
 
     def __init__(self, t2w: Token2Wav, cond, ref_mel, *, steps: int | None = None, guidance: float | None = None,
                  sway: float | None = None, solver: str | None = None, noise: FrameNoise | None = None,
-                 chunk_blocks: int = 3, past_blocks: int = 2, future_blocks: int = 1):
+                 first_chunk_blocks: int = 2, chunk_blocks: int = 3, past_blocks: int = 2, future_blocks: int = 1):
         d = t2w.cfg.dit
         self.t2w, self.cond, self.ref_mel = t2w, cond.float(), ref_mel.float()
         self.ode = t2w.ode_settings(steps, guidance, sway, solver)
         self.noise = noise or FrameNoise(0, d.mel_dim, d.block_size)
         self.rep = d.repeats
-        self.chunk, self.past, self.fut = (n * d.block_size for n in (chunk_blocks, past_blocks, future_blocks))
+        for name, n, least in (("first_chunk_blocks", first_chunk_blocks, 1), ("chunk_blocks", chunk_blocks, 1),
+                               ("past_blocks", past_blocks, 0), ("future_blocks", future_blocks, 0)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {n!r}")
+        self.first, self.chunk, self.past, self.fut = (n * d.block_size for n in (first_chunk_blocks, chunk_blocks,
+                                                                                   past_blocks, future_blocks))
         self.left, self.right = receptive_field(t2w.cfg.vocoder)
         self.hop = t2w.cfg.vocoder.hop_length
         self.codes = torch.zeros(1, 0, dtype=torch.long, device=ref_mel.device)
@@ -150,8 +159,8 @@ class Token2WavStream:
         _check_codes(piece, self.t2w.cfg, allow_empty=True)
         self.codes = torch.cat([self.codes, piece.to(self.codes.device)], 1)
         avail, out = self.codes.shape[1] * self.rep, []
-        while avail >= self.done + self.chunk + self.fut:       # the next chunk has its future context
-            self._dit_chunk(self.done + self.chunk, avail)
+        while avail >= self._next_end() + self.fut:            # the next chunk has its future context
+            self._dit_chunk(self._next_end(), avail)
             out += self._vocode(final=False)
         return out
 
@@ -162,8 +171,12 @@ class Token2WavStream:
         if total == 0:
             raise ValueError("no codes arrived: cannot make speech from an empty code sequence")
         while self.done < total:
-            self._dit_chunk(min(self.done + self.chunk, total), total)
+            self._dit_chunk(min(self._next_end(), total), total)
         return self._vocode(final=True)
+
+    def _next_end(self) -> int:
+        """Last frame (exclusive) of the next DiT chunk: the first is shorter, so the first packet leaves sooner."""
+        return self.first if self.done == 0 else self.done + self.chunk
 
     def _dit_chunk(self, hi: int, total: int) -> None:
         lo, rep = self.done, self.rep

@@ -63,26 +63,40 @@ def test_official_recipe_seam_error_is_bounded():
     assert float((pcm - wav).abs().max()) < 1e-3
     # the error lives at the seams: frames well inside a chunk are closer to offline than frames at its edges
     per_frame = err[0].amax(-1)
-    chunk = 3 * CFG.dit.block_size
-    seams = torch.cat([per_frame[k - 4: k + 4] for k in range(chunk, per_frame.shape[0] - 4, chunk)])
-    middles = torch.cat([per_frame[k + chunk // 2 - 4: k + chunk // 2 + 4] for k in range(0, per_frame.shape[0] - chunk, chunk)])
+    first, chunk = 2 * CFG.dit.block_size, 3 * CFG.dit.block_size      # chunk ends: 48, 120, 192, ...
+    seams = torch.cat([per_frame[k - 4: k + 4] for k in range(first, per_frame.shape[0] - 4, chunk)])
+    middles = torch.cat([per_frame[k + chunk // 2 - 4: k + chunk // 2 + 4] for k in range(first, per_frame.shape[0] - chunk, chunk)])
     assert float(seams.mean()) > float(middles.mean())
 
 
 def test_first_packet_leaves_after_a_fixed_number_of_codes():
     m = _model(0.1)
-    assert m.first_packet_codes() == 48                   # (3 + 1) blocks of 24 frames, 2 frames per code
+    assert m.first_packet_codes() == 36                   # (2 + 1) blocks of 24 frames, 2 frames per code
+    assert m.first_packet_codes(3) == 48                  # a first chunk as long as the others: (3 + 1) blocks
     for piece in (1, 5):
         _, _, pcm, st = _run(m, N=120, piece=piece, steps=2, solver="euler")
-        first = st["codes_at_chunk"][0]
-        assert 48 <= first < 48 + piece                   # the first piece that completes 48 codes releases it
-    # the vocoder writes the frames its receptive field allows: chunk 0 = 72 frames minus its right overlap
+        first, second = st["codes_at_chunk"][:2]
+        assert 36 <= first < 36 + piece                   # the first piece that completes 36 codes releases it
+        assert 72 <= second < 72 + piece                  # then 3-block chunks: frames up to 48 + 72 + 24 = 144
+    _, _, _, st = _run(m, N=120, piece=1, steps=2, solver="euler", first_chunk_blocks=3)
+    assert st["codes_at_chunk"][:2] == [48, 84]
+    # the vocoder writes the frames its receptive field allows: chunk 0 = 48 frames minus its right overlap
     from nano_omni.vocoder import receptive_field
     left, right = receptive_field(CFG.vocoder)
-    stream = m.stream([torch.randint(0, 256, (1, 48))], torch.randn(1, 32), torch.randn(1, 120, 80), steps=2,
+    stream = m.stream([torch.randint(0, 256, (1, 36))], torch.randn(1, 32), torch.randn(1, 120, 80), steps=2,
                       solver="euler")
     first_chunk = next(stream)
-    assert first_chunk.shape[0] == (72 - right) * CFG.vocoder.hop_length
+    assert first_chunk.shape[0] == (48 - right) * CFG.vocoder.hop_length
+
+
+def test_bad_chunk_sizes():
+    m = _model(0.1)
+    cond, ref = torch.randn(1, 32), torch.randn(1, 120, 80)
+    for kw, msg in ((dict(first_chunk_blocks=0), "first_chunk_blocks must be an integer >= 1"),
+                    (dict(chunk_blocks=1.5), "chunk_blocks must be an integer >= 1"),
+                    (dict(past_blocks=-1), "past_blocks must be an integer >= 0")):
+        with pytest.raises(ValueError, match=msg):
+            m.session(cond, ref, **kw)
 
 
 def test_bad_codes():
