@@ -44,6 +44,7 @@ from nano_omni.pretrained import load_model
 from nano_omni.processor import Processor
 from nano_omni.tmrope import text_positions
 from nano_omni.tokenizer import ByteTokenizer, chat_template
+from nano_omni.toy import PICTURE_QUESTIONS, TEXT_QUESTIONS
 from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr,
                                 dist_info, init_distributed, load_stage_state, local_share, pick_device,
                                 save_run_checkpoint, step_generator, step_indices, task_step_indices,
@@ -81,6 +82,7 @@ class TrainConfig:
     spec_augment: bool = False     # mask stretches of time and frequency in the training audio (hurts at this
                                    # budget: ASR alone, 400 steps, held-out exact match 23 % with it, 30 % without)
     fresh_pictures: bool = True    # stage 2: a newly drawn picture for every picture-task item (nano_omni/toy.py)
+    fresh_text: bool = True        # stage 2: a new question for every text_copy / text_count item (never a test one)
     task_batches: bool = True      # stages 1-2: every batch holds one task, tasks take turns (else: mixed batches)
     task_turns: str = "asr=2"      # with task_batches: turns per round of the tasks that take more than one
     tasks: str = ""                # comma-separated tasks for the Thinker stages ("": all), e.g. video_cue_colour
@@ -293,7 +295,7 @@ def task_turns(spec: str) -> dict:
     return out
 
 
-def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool, redraw: bool = False,
+def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool, redraw: frozenset = frozenset(),
                  by_task: bool = False):
     groups = {}
     for i, it in enumerate(data.items):
@@ -310,7 +312,7 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
             idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
         seed = run.t.seed * 7919 + step
         x, labels = data.batch(idx, augment_seed=seed if run.t.spec_augment else None,
-                               redraw_seed=seed if redraw else None)
+                               redraw_seed=seed if redraw else None, redraw=redraw)
         x = x.to(run.device)
         if sequential:   # the lesson's baseline: every token one position after the last, media or not
             x.positions, _ = text_positions(x.attention_mask)
@@ -346,10 +348,14 @@ def stage_thinker(run: Run, stage: int) -> dict:
         rng = random.Random(t.seed + 3)
         rng.shuffle(ex)
         ex = [ex[i: i + t.s3_items] for i in range(0, len(ex) - t.s3_items + 1, t.s3_items)]
-    data = ThinkerData(ex, run.proc, run.tok)
+    redraw = frozenset()
+    if stage == 2:   # fresh items in place of the committed ones (see nano_omni/toy.py)
+        redraw = frozenset([*(PICTURE_QUESTIONS if t.fresh_pictures else ()), *(TEXT_QUESTIONS if t.fresh_text else ())])
+    avoid = frozenset(e["question"] for e in load_examples("test") if e["task"] in TEXT_QUESTIONS) if redraw else frozenset()
+    data = ThinkerData(ex, run.proc, run.tok, avoid=avoid)
     steps = t.s2_steps if stage == 2 else t.s3_steps
     bs = t.batch_size if stage == 2 else max(2, t.batch_size // t.s3_items)
-    loss = thinker_loss(run, data, bs, seq, redraw=stage == 2 and t.fresh_pictures,
+    loss = thinker_loss(run, data, bs, seq, redraw=redraw,
                         by_task=stage == 2 and t.task_batches)
     return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr, loss, th)
 

@@ -21,7 +21,7 @@ import torch
 
 from .audio_io import load_audio
 from .processor import OmniInputs, Processor
-from .toy import PICTURE_QUESTIONS, draw_picture, picture_answer
+from .toy import PICTURE_QUESTIONS, TEXT_QUESTIONS, draw_picture, picture_answer
 
 ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
 TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour", "text_add", "text_copy",
@@ -143,8 +143,10 @@ class ThinkerData:
 
     examples: dicts from load_examples (one turn each), or lists of them (one multi-turn conversation each)."""
 
-    def __init__(self, examples: list, processor: Processor, tokenizer, root: str | Path = ROOT):
-        self.proc, self.tok, self.root = processor, tokenizer, root
+    def __init__(self, examples: list, processor: Processor, tokenizer, root: str | Path = ROOT,
+                 avoid: frozenset[str] = frozenset()):
+        """avoid: questions a fresh text item must never be (the held-out split's), see `batch`."""
+        self.proc, self.tok, self.root, self.avoid = processor, tokenizer, root, avoid
         self.assistant = tokenizer.encode("assistant\n")
         self.items: list[Example] = [self.example(ex) for ex in examples]
 
@@ -164,16 +166,17 @@ class ThinkerData:
     def __len__(self) -> int:
         return len(self.items)
 
-    def batch(self, idx: list[int], augment_seed: int | None = None,
-              redraw_seed: int | None = None) -> tuple[OmniInputs, torch.Tensor]:
+    def batch(self, idx: list[int], augment_seed: int | None = None, redraw_seed: int | None = None,
+              redraw: frozenset[str] = frozenset(PICTURE_QUESTIONS)) -> tuple[OmniInputs, torch.Tensor]:
         """(inputs, labels (B, T)) for the items `idx`, right-padded. With augment_seed, the audio features are
-        masked SpecAugment-style; with redraw_seed, every single-turn picture task gets a freshly drawn picture
-        (and its answer) in place of the committed one. Training only; both depend only on (seed, item), so they
-        do not change with how a batch is split over processes."""
+        masked SpecAugment-style; with redraw_seed, every single-turn item of a task in `redraw` (picture tasks
+        and text_copy / text_count) is replaced by a fresh one of the same task: a newly drawn picture or a new
+        question, with its answer. Training only; both depend only on (seed, item), so they do not change with
+        how a batch is split over processes."""
         items = [self.items[i] for i in idx]
         if redraw_seed is not None:
-            items = [self.example(fresh_picture(it.task, redraw_seed * 1_000_003 + i))
-                     if it.task in PICTURE_QUESTIONS and len(it.answer_spans) == 1 else it for i, it in zip(idx, items)]
+            items = [self.example(self.fresh(it.task, redraw_seed * 1_000_003 + i))
+                     if it.task in redraw and len(it.answer_spans) == 1 else it for i, it in zip(idx, items)]
         x = self.proc.collate([it.inputs for it in items], padding_side="right")
         if augment_seed is not None and x.audio_features is not None:
             gens = [torch.Generator().manual_seed(augment_seed * 1_000_003 + i)
@@ -185,6 +188,19 @@ class ThinkerData:
             for a, e in it.answer_spans:
                 labels[b, a: e] = x.input_ids[b, a: e]
         return x, labels
+
+    def fresh(self, task: str, seed: int) -> dict:
+        """A new example of `task` (a picture task or a TEXT_QUESTIONS task), never one of the `avoid` questions."""
+        if task in PICTURE_QUESTIONS:
+            return fresh_picture(task, seed)
+        if task not in TEXT_QUESTIONS:
+            raise ValueError(f"task {task!r} has no fresh items; tasks that do: "
+                             f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS)}")
+        rng = np.random.default_rng(seed)
+        while True:
+            q, a = TEXT_QUESTIONS[task](rng)
+            if q not in self.avoid:
+                return {"id": f"fresh-{task}-{seed}", "task": task, "question": q, "answer": a}
 
     def prompts(self, idx: list[int]) -> OmniInputs:
         """The prompts of the items `idx` (everything before their last answer), left-padded for generation."""

@@ -1,10 +1,12 @@
 """The toy world of tiny_data/: its words and its pictures, shared by the generator script and by training.
 
-tiny_data/make_data.py draws the committed pictures with `draw_picture`; training (train_tiny.py, stage 2) can
-draw fresh ones with the same function at every step (`--train.fresh_pictures`). A vision encoder of this size
-memorises 400 pictures long before it learns what a star looks like; an endless supply of new pictures of the
-same kind is what makes it learn the shapes. The held-out test pictures are never redrawn: they are other
-draws from the same distribution, exactly as the committed train pictures are.
+tiny_data/make_data.py draws the committed pictures with `draw_picture` and writes the copying and counting
+questions with `copy_question` / `count_question`; training (train_tiny.py, stage 2) can make fresh ones with
+the same functions at every step (`--train.fresh_pictures`, `--train.fresh_text`). A model of this size
+memorises 400 pictures or 400 questions long before it learns what a star looks like or how to count; an endless
+supply of new items of the same kind is what makes it learn the task. The held-out test items are never
+regenerated: they are other draws from the same distribution, exactly as the committed train items are, and a
+fresh question that happens to equal a held-out one is drawn again.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ NUMBERS = DIGITS + ("ten", "eleven", "twelve", "thirteen", "fourteen", "fifteen"
 COLOURS = {"red": (230, 25, 25), "green": (30, 190, 40), "blue": (40, 90, 255),
            "yellow": (250, 225, 20), "purple": (165, 60, 230), "orange": (255, 140, 0)}
 SHAPES = ("circle", "square", "triangle", "star", "cross")
+TEXT_WORDS = tuple(COLOURS) + SHAPES + DIGITS          # the words the copying task copies
 IMAGE_SIZE = 84
 PICTURE_QUESTIONS = {"image_shape": "what shape is this?",
                      "image_colour": "what colour is the shape?",
@@ -74,3 +77,22 @@ def render_picture(shape: str, colour: str, positions: list, r: int) -> Image.Im
 def picture_answer(task: str, meta: dict) -> str:
     """The answer a picture task expects for a picture described by `meta`."""
     return {"image_shape": meta["shape"], "image_colour": meta["colour"], "image_count": NUMBERS[meta["count"]]}[task]
+
+
+def copy_question(rng: np.random.Generator) -> tuple[str, str]:
+    """text_copy: 'copy: <1-3 words>' and the words."""
+    s = " ".join(TEXT_WORDS[i] for i in rng.integers(len(TEXT_WORDS), size=int(rng.integers(1, 4))))
+    return f"copy: {s}", s
+
+
+def count_question(rng: np.random.Generator) -> tuple[str, str]:
+    """text_count: how often a colour occurs in a list of 3-6 colours (0-3 times), and the count as a word."""
+    target, c = list(COLOURS)[rng.integers(len(COLOURS))], int(rng.integers(0, 4))
+    others = [x for x in COLOURS if x != target]
+    n_others = int(rng.integers(max(0, 3 - c), 7 - c))                     # three to six words in all
+    items = [target] * c + [others[i] for i in rng.integers(len(others), size=n_others)]
+    items = [items[i] for i in rng.permutation(len(items))]
+    return f"how many times is {target} in: {' '.join(items)}?", NUMBERS[c]
+
+
+TEXT_QUESTIONS = {"text_copy": copy_question, "text_count": count_question}   # the text tasks with fresh items

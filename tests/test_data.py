@@ -155,3 +155,34 @@ def test_fresh_pictures_replace_picture_items_only(data_copy):
         else:   # audio, video and text items are the committed ones
             assert answer == e["answer"] + "<|im_end|>"
             assert torch.equal(x0.input_ids[i][l0[i] != -100], x1.input_ids[i][l1[i] != -100])
+
+
+def test_fresh_text_items_are_right_and_never_held_out(data_copy):
+    from nano_omni.toy import NUMBERS, PICTURE_QUESTIONS, TEXT_QUESTIONS
+
+    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
+    ex = load_examples("train", data_copy)
+    d = ThinkerData(ex, Processor(CFG, tok), tok, data_copy)
+    for seed in range(200):
+        c, n = d.fresh("text_copy", seed), d.fresh("text_count", seed)
+        assert c == d.fresh("text_copy", seed)                                   # a function of the seed
+        assert c["question"] == f"copy: {c['answer']}" and 1 <= len(c["answer"].split()) <= 3
+        target, words = n["question"].removeprefix("how many times is ").rstrip("?").split(" in: ")
+        assert n["answer"] == NUMBERS[words.split().count(target)] and 3 <= len(words.split()) <= 6
+    # a question of the held-out split is drawn again: avoid the first draw of seed 0 and get another one
+    first = d.fresh("text_count", 0)
+    avoiding = ThinkerData(ex[:1], Processor(CFG, tok), tok, data_copy, avoid=frozenset([first["question"]]))
+    assert avoiding.fresh("text_count", 0)["question"] != first["question"]
+    with pytest.raises(ValueError, match="task 'text_add' has no fresh items"):
+        d.fresh("text_add", 0)
+    # in a batch, only the tasks asked for are replaced
+    idx = list(range(len(ex)))
+    x0, l0 = d.batch(idx)
+    x1, l1 = d.batch(idx, redraw_seed=3, redraw=frozenset(TEXT_QUESTIONS))
+    for i, e in enumerate(ex):
+        answer = tok.decode(x1.input_ids[i][l1[i] != -100])
+        if e["task"] in TEXT_QUESTIONS:
+            assert answer == d.fresh(e["task"], 3 * 1_000_003 + i)["answer"] + "<|im_end|>"
+        else:   # pictures too: they were not asked for
+            assert e["task"] not in PICTURE_QUESTIONS or torch.equal(x0.input_ids[i], x1.input_ids[i])
+            assert answer == e["answer"] + "<|im_end|>"

@@ -39,8 +39,8 @@ import numpy as np
 import soundfile as sf
 from PIL import Image, ImageDraw
 
-from nano_omni.toy import (COLOURS, DIGITS, NUMBERS, PICTURE_QUESTIONS, SHAPES, draw_picture, draw_shape,
-                           picture_answer, place)
+from nano_omni.toy import (COLOURS, DIGITS, NUMBERS, PICTURE_QUESTIONS, SHAPES, TEXT_QUESTIONS, draw_picture,
+                           draw_shape, picture_answer, place)
 
 SR = 16000
 VOICES = ("slt", "rms", "awb", "kal16")
@@ -288,24 +288,10 @@ def make_text(rng: np.random.Generator) -> dict:
                 got.append((q, a))
         return got
 
-    words = list(COLOURS) + list(SHAPES) + list(DIGITS)
-
-    def copy():
-        s = " ".join(words[i] for i in rng.integers(len(words), size=int(rng.integers(1, 4))))
-        return f"copy: {s}", s
-
-    def count():
-        target, c = list(COLOURS)[rng.integers(len(COLOURS))], int(rng.integers(0, 4))
-        others = [x for x in COLOURS if x != target]
-        n_others = int(rng.integers(max(0, 3 - c), 7 - c))                 # three to six words in all
-        items = [target] * c + [others[i] for i in rng.integers(len(others), size=n_others)]
-        items = [items[i] for i in rng.permutation(len(items))]
-        return f"how many times is {target} in: {' '.join(items)}?", NUMBERS[c]
-
-    for task, make in (("text_copy", copy), ("text_count", count)):
+    for task, make in TEXT_QUESTIONS.items():
         taken = set()
         for split in ("train", "test"):
-            out[split][task] = unique(N_TEXT[split], make, taken)
+            out[split][task] = unique(N_TEXT[split], lambda: make(rng), taken)
     return {s: {t: [{"task": t, "question": q, "answer": a} for q, a in ex] for t, ex in d.items()}
             for s, d in out.items()}
 
