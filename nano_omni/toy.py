@@ -2,7 +2,7 @@
 
 tiny_data/make_data.py draws the committed pictures with `draw_picture` and writes the copying and counting
 questions with `copy_question` / `count_question`; training (train_tiny.py, stage 2) can make fresh ones with
-the same functions at every step (`--train.fresh_pictures`, `--train.fresh_text`). A model of this size
+the same functions at every step (`--train.fresh_pictures`, on by default; `--train.fresh_text`, opt-in). A model of this size
 memorises 400 pictures or 400 questions long before it learns what a star looks like or how to count; an endless
 supply of new items of the same kind is what makes it learn the task. The held-out test items are never
 regenerated: they are other draws from the same distribution, exactly as the committed train items are, and a
