@@ -26,7 +26,7 @@ step tiny_say 40 python3 sample.py --device cuda --text "three seven one" --voic
 if [ "$ONLY" != tiny ]; then
   step real_size_7b 170 python3 bench/real_size.py --preset qwen2_5_omni_7b --dir /tmp/omni7b
   rm -rf /tmp/omni7b
-  step streaming_7b 150 python3 bench/streaming.py --preset qwen2_5_omni_7b --repeats 3 --codes 100
+  step streaming_7b 150 python3 bench/streaming.py --preset qwen2_5_omni_7b --repeats 2 --codes 100
   step vs_transformers_7b 110 python3 bench/vs_transformers.py --preset qwen2_5_omni_7b --layers 4 --repeats 3
 fi
 step tiny_image 30 python3 sample.py --device cuda --image tiny_data/images/test-0000.png --prompt "what colour is the shape?" --speak --stream --out /tmp/tiny_image.wav
