@@ -15,6 +15,7 @@ A video is a folder of frames (with audio.wav), an .npz of frames (with the .fla
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import sys
 import time
@@ -74,6 +75,22 @@ def write_wav(path: Path, wav: torch.Tensor, sr: int) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+@contextlib.contextmanager
+def streamed_wav(path: Path, sr: int):
+    """A 16-bit WAV written chunk by chunk to `path`.part, which becomes `path` only when the stream ends well:
+    an interrupted stream never replaces an existing file with a partial one."""
+    import soundfile as sf
+
+    part = path.with_name(path.name + ".part")
+    try:
+        with sf.SoundFile(str(part), "w", samplerate=sr, channels=1, subtype="PCM_16", format="WAV") as f:
+            yield f
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    part.replace(path)
+
+
 def main(argv=None):
     a = parse(sys.argv[1:] if argv is None else argv)
     torch.set_num_threads(a.threads)
@@ -111,7 +128,21 @@ def main(argv=None):
         text = a.text or "hello there"
         prompt = tok.encode(chat_template([{"role": "user", "content": f"say: {text}"}], system=system))
         t0 = time.perf_counter()
-        codes, wav = model.say(torch.tensor([prompt], device=device), tok.encode(text), voice, seed=a.seed)
+        prompt_t = torch.tensor([prompt], device=device)
+        if a.stream:   # PCM chunks reach the file while the Talker is still writing codes
+            first_pcm, n = None, 0
+            with streamed_wav(out, cfg.vocoder.sample_rate) as f:
+                for pcm in model.say_stream(prompt_t, tok.encode(text), voice, seed=a.seed):
+                    first_pcm = time.perf_counter() - t0 if first_pcm is None else first_pcm
+                    f.write(pcm.float().clamp(-1, 1).cpu().numpy())
+                    f.flush()
+                    n += pcm.numel()
+                if n == 0:
+                    raise SystemExit("the Talker stopped before making any sound; try another --seed")
+            print(f"{voice} says {text!r}: first audio after {1e3 * first_pcm:.0f} ms; {n / cfg.vocoder.sample_rate:.2f} s "
+                  f"of audio in {time.perf_counter() - t0:.2f} s -> {out}")
+            return
+        codes, wav = model.say(prompt_t, tok.encode(text), voice, seed=a.seed)
         if wav.numel() == 0:
             raise SystemExit("the Talker stopped before making any sound; try another --seed")
         write_wav(out, wav, cfg.vocoder.sample_rate)
@@ -145,11 +176,9 @@ def main(argv=None):
         gen = model.thinker.generate_from(x, max_new_tokens=a.max_new_tokens)
         print(tok.decode([t for t in gen.tokens[0].tolist() if t != cfg.tokens.pad], skip_special=True).strip())
         return
-    part = out.with_name(out.name + ".part")
     first_text = first_pcm = None
     text_ids, pcm = [], []
-    import soundfile as sf
-    with sf.SoundFile(str(part), "w", samplerate=cfg.vocoder.sample_rate, channels=1, subtype="PCM_16", format="WAV") as f:
+    with streamed_wav(out, cfg.vocoder.sample_rate) as f:
         for kind, val in model.stream(x, voice, seed=a.seed, thinker_kw={"max_new_tokens": a.max_new_tokens}):
             now = time.perf_counter() - t0
             if kind == "text":
@@ -162,7 +191,6 @@ def main(argv=None):
                 f.write(val.float().clamp(-1, 1).cpu().numpy())     # audio reaches the file as it is produced
                 f.flush()
                 pcm.append(val)
-    part.replace(out)
     answer = tok.decode([t for t in text_ids if t != cfg.tokens.pad], skip_special=True).strip()
     print(("\n" if a.stream else "") + answer)
     if first_pcm is None:

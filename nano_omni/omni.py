@@ -227,9 +227,32 @@ class Omni(nn.Module):
             talker_kw: dict | None = None, t2w_kw: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Speak `reply_ids` as the reply to the text prompt `prompt_ids` (1, T): the reply is fed to the Thinker
         (not generated), so exactly that text is spoken. Returns (codes (N,), wav (samples,))."""
+        v = self.voice(voice)
+        codes = [c for c in self._say_codes(prompt_ids, reply_ids, v, seed, talker_kw)]
+        if not codes:
+            return torch.zeros(0, dtype=torch.long, device=prompt_ids.device), torch.zeros(0)
+        codes = torch.cat(codes)
+        t2w_kw = dict(t2w_kw or {})
+        noise = t2w_kw.pop("noise", None) or FrameNoise(seed, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
+        return codes, self.token2wav(codes[None], v.cond, v.ref_mel, noise=noise, **t2w_kw)[0]
+
+    @torch.no_grad()
+    def say_stream(self, prompt_ids: torch.Tensor, reply_ids: list[int], voice: str | None = None, *, seed: int = 0,
+                   talker_kw: dict | None = None, t2w_kw: dict | None = None) -> Iterator[torch.Tensor]:
+        """say(), streamed: yield PCM chunks (samples,) as soon as the streaming Token2Wav releases them, while
+        the Talker is still writing codes. Same codes and the same per-frame noise as say()."""
+        v = self.voice(voice)
+        t2w = self.token2wav.session(v.cond, v.ref_mel, noise=FrameNoise(seed, self.cfg.dit.mel_dim,
+                                                                            self.cfg.dit.block_size), **(t2w_kw or {}))
+        for code in self._say_codes(prompt_ids, reply_ids, v, seed, talker_kw):
+            yield from t2w.push(code.view(1, 1))
+        if t2w.codes.shape[1]:
+            yield from t2w.finish()
+
+    def _say_codes(self, prompt_ids, reply_ids: list[int], v: Voice, seed: int, talker_kw) -> Iterator[torch.Tensor]:
+        """The Talker's codes (1,) for a given reply, one per step, up to (not including) its stop code."""
         if not reply_ids:
             raise ValueError("there is nothing to say: the reply text is empty")
-        v = self.voice(voice)
         tk, tc = self.cfg.tokens, self.cfg.talker
         dev = prompt_ids.device
         T = prompt_ids.shape[1]
@@ -245,14 +268,10 @@ class Omni(nn.Module):
         track = reply_text_track(rows[:, T:], torch.tensor([len(reply_ids)], device=dev), eos_pad[0], eos_pad[1])
         unreadable = [i for i in range(self.cfg.dit.num_embeds + 1, tc.vocab_size) if i not in (tc.codec_pad, tc.codec_eos)]
         kw = {"suppress_ids": sorted({tc.codec_bos, *unreadable}), **(talker_kw or {})}
-        codes = self.talker.generate(prompt, track, seed=seed, **kw)[0]
-        stop = ((codes == tc.codec_pad) | (codes == tc.codec_eos)).nonzero()
-        codes = codes[: int(stop[0])] if len(stop) else codes
-        if codes.numel() == 0:
-            return codes, torch.zeros(0)
-        t2w_kw = dict(t2w_kw or {})
-        noise = t2w_kw.pop("noise", None) or FrameNoise(seed, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
-        return codes, self.token2wav(codes[None], v.cond, v.ref_mel, noise=noise, **t2w_kw)[0]
+        for code in self.talker.stream(prompt, track, seed=seed, **kw):
+            if int(code[0]) in (tc.codec_pad, tc.codec_eos):
+                return
+            yield code
 
     # -- public API --------------------------------------------------------------------------------------------
     @torch.no_grad()

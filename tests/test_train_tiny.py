@@ -137,6 +137,13 @@ def test_sample_speaks_text_and_answers(quick_run, tmp_path):
     assert "slt says 'three seven one'" in res.stdout
     wav, sr = sf.read(out)
     assert sr == 24000 and len(wav) > 0
+    # --stream: the same codes through the streaming Token2Wav, written chunk by chunk
+    out3 = tmp_path / "three_stream.wav"
+    res = _sample("--checkpoint", ck, "--text", "three seven one", "--voice", "slt", "--stream", "--out", str(out3))
+    assert "first audio after" in res.stdout and not out3.with_name("three_stream.wav.part").exists()
+    streamed, _ = sf.read(out3)
+    assert len(streamed) == len(wav)                                  # same codes: same length
+    assert abs(streamed - wav).max() < 0.05                           # only the DiT's seam error differs
     out2 = tmp_path / "answer.wav"
     res = _sample("--checkpoint", ck, "--audio", str(REPO / "tiny_data/speech/slt-0001.flac"), "--stream",
                   "--max-new-tokens", "6", "--out", str(out2))
