@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from common import few_layers
+from common import few_layers, no_stop_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # reference.py: the transformers builders
 
@@ -81,7 +81,7 @@ def request(model, device: str, text_tokens: int, codes: int) -> dict:
     from nano_omni.tmrope import text_positions
 
     cfg = model.cfg
-    d, tc = cfg.dit, cfg.talker
+    d = cfg.dit
     g = torch.Generator().manual_seed(0)
     model.voices = {"v": Voice(min(cfg.tokens.max_id + 1, cfg.thinker.vocab_size - 1),
                                torch.randn(1, d.enc_emb_dim, generator=g).to(device),
@@ -90,7 +90,7 @@ def request(model, device: str, text_tokens: int, codes: int) -> dict:
     mask = torch.ones_like(ids)
     pos, deltas = text_positions(mask)
     x = OmniInputs(ids, mask, pos, deltas).to(device)
-    no_stop = sorted({tc.codec_pad, tc.codec_eos, tc.codec_bos, *range(d.num_embeds + 1, tc.vocab_size)})
+    no_stop = no_stop_ids(cfg)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
     def once() -> dict:

@@ -8,10 +8,10 @@ Stages, all timed from the start of the request (the prompt already tokenised):
     stall        playback that starts with the first PCM chunk: total time it waits for a chunk not yet out
                  (0: the stream never runs dry, however short the first packet)
 RTF = wall time of the whole request / seconds of audio produced. A last case repeats the default sampler with
-a first DiT chunk as long as the others (3 blocks instead of 2), to show what the short first chunk buys. Lengths are fixed so runs compare: the Thinker
-writes `--text-tokens` tokens and the Talker `--codes` codes (stop ids suppressed). Weights are random: this
-measures speed, not speech. Each case runs in its own process, so its peak memory is its own (CPU: resident-set
-growth; CUDA: torch.cuda.max_memory_allocated).
+a first DiT chunk as long as the others (3 blocks instead of 2), to show what the short first chunk buys.
+Lengths are fixed so runs compare: the Thinker writes `--text-tokens` tokens and the Talker `--codes` codes (stop
+ids suppressed). Weights are random: this measures speed, not speech. Each case runs in its own process, so its
+peak memory is its own (CPU: resident-set growth; CUDA: torch.cuda.max_memory_allocated).
 
     python bench/streaming.py                                   # tiny preset, CPU: a table, then one JSON line
     python bench/streaming.py --preset qwen2_5_omni_7b          # the 7B-shaped model, on a GPU when present
@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 
+from common import few_layers, no_stop_ids
 
 def _rss() -> int:
     with open("/proc/self/statm") as f:
@@ -63,7 +64,6 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
         torch.set_num_threads(threads)
     cfg = get_config(preset)
     if layers:
-        from common import few_layers
         cfg = few_layers(cfg, layers)
     torch.manual_seed(0)
     with torch.device(dev):
@@ -85,9 +85,8 @@ def run_case(preset: str, solver: str, backend: str, text_tokens: int, codes: in
         from nano_omni.processor import OmniInputs
         x = OmniInputs(ids, mask, pos, deltas)
     x = x.to(dev)
-    tc = cfg.talker
     # the Talker may neither stop nor pick an id the DiT cannot read: every request is exactly `codes` long
-    no_stop = sorted({tc.codec_pad, tc.codec_eos, tc.codec_bos, *range(d.num_embeds + 1, tc.vocab_size)})
+    no_stop = no_stop_ids(cfg)
     talker_kw = dict(max_new_tokens=codes, stop_ids=[-1], suppress_ids=no_stop)
     thinker_kw = dict(max_new_tokens=text_tokens, stop_ids=[-1])
     t2w_kw = dict(solver=solver, steps=10 if solver == "rk4" else d.ode_steps, first_chunk_blocks=first_chunk_blocks)
@@ -169,7 +168,9 @@ def main():
                                   int(a.case[2]))))
         return
     rows = []
-    default_solver = __import__("nano_omni.config", fromlist=["get_config"]).get_config(a.preset).dit.ode_solver
+    from nano_omni.config import get_config
+
+    default_solver = get_config(a.preset).dit.ode_solver
     # every solver x attention path with the default first chunk (2 blocks), then the default solver with a first
     # chunk as long as the others (3 blocks), to show what the shorter first chunk buys
     cases = [(s, b, 2) for s in ("euler", "rk4") for b in ("fused", "manual")] + [(default_solver, "fused", 3)]

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from common import few_layers
+from common import few_layers, no_stop_ids
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))   # reference.py: the transformers builders
 
@@ -130,7 +130,7 @@ def bench_speech(cfg, hf, ours, device, reply_s: float, repeats: int, sync) -> d
     # take the path transformers' own Talker.forward defines
     mask = torch.ones_like(ids)
     mask[:, 0] = 0
-    never = sorted({tc.codec_pad, tc.codec_eos, tc.codec_bos, *range(cfg.dit.num_embeds + 1, tc.vocab_size)})
+    never = no_stop_ids(cfg)
     ode = dict(steps=10, solver="rk4", guidance=0.5, sway=-1.0)
 
     class Suppress(LogitsProcessor):

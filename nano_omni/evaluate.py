@@ -62,10 +62,6 @@ def dtw_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(acc[Ta, Tb] / steps[Ta, Tb])
 
 
-def _device(model) -> torch.device:
-    return model.thinker.model.embed_tokens.weight.device
-
-
 def _clean(tok, ids) -> str:
     tk = tok.tokens
     keep = [int(i) for i in ids if int(i) not in (tk.pad, tk.im_end)]
@@ -80,7 +76,7 @@ def answers(model, data: ThinkerData, idx: list[int], max_new_tokens: int = 24, 
 
     out = []
     for k in range(0, len(idx), batch):
-        x = data.prompts(idx[k: k + batch]).to(_device(model))
+        x = data.prompts(idx[k: k + batch]).to(model.device)
         if positions == "sequential":
             x.positions, x.rope_deltas = (t.to(x.input_ids.device) for t in text_positions(x.attention_mask))
         gen = model.thinker.generate_from(x, max_new_tokens=max_new_tokens)
@@ -95,7 +91,7 @@ def transcribe(model, proc: Processor, wavs_24k: list[torch.Tensor], batch: int 
     for k in range(0, len(wavs_24k), batch):
         convs = [[{"role": "user", "content": [{"type": "audio", "audio": (resample(w.cpu(), 24000, 16000).numpy(), 16000)},
                                                 ASR_QUESTION]}] for w in wavs_24k[k: k + batch]]
-        x = proc(convs, system=SYSTEM).to(_device(model))
+        x = proc(convs, system=SYSTEM).to(model.device)
         gen = model.thinker.generate_from(x, max_new_tokens=40)
         texts += [_clean(proc.tok, row) for row in gen.tokens]
     return texts
@@ -106,7 +102,7 @@ def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
     from .data import SYSTEM as system
 
     prompt = tok.encode(chat_template([{"role": "user", "content": f"say: {text}"}], system=system))
-    return model.say(torch.tensor([prompt], device=_device(model)), tok.encode(text), voice, seed=seed)[1].cpu()
+    return model.say(torch.tensor([prompt], device=model.device), tok.encode(text), voice, seed=seed)[1].cpu()
 
 
 @torch.no_grad()
@@ -147,7 +143,7 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
                          "n": len(mine), "examples": [{"text": u["transcript"], "heard": h} for u, h in zip(mine[:3], heard[:3])]}
         real = utts[: (per_voice * 4) if per_voice else len(utts)]
         mels = [mel_of(u["wav"]) for u in real]
-        bv = [model.token2wav.code2wav_bigvgan_model(m.T[None].to(_device(model)))[0].cpu() for m in mels]
+        bv = [model.token2wav.code2wav_bigvgan_model(m.T[None].to(model.device))[0].cpu() for m in mels]
         gl = [griffin_lim(m.T[None], cfg.vocoder)[0] for m in mels]
         for name, ws in (("bigvgan", bv), ("griffin_lim", gl)):
             heard = transcribe(model, proc, ws)

@@ -160,11 +160,10 @@ def mel_spectrogram(wav: torch.Tensor, cfg: VocoderConfig | None = None) -> torc
     """
     cfg = cfg or VocoderConfig()
     _check_wav(wav, "wav", _min_samples(cfg.hop_length))
-    wav = _fft_ready(wav)
-    spec = stft(wav, cfg.hop_length)                                        # (B, n_freqs, T)
+    spec = stft(wav, cfg.hop_length)                                        # (B, n_freqs, T), fp32 for bf16 input
     # the tiny constant keeps the gradient of the square root finite where the spectrum is exactly zero
     magnitude = (spec.real.pow(2) + spec.imag.pow(2) + 1e-12).sqrt()
-    mel = _filterbank(cfg, wav) @ magnitude                                 # (B, n_mels, T)
+    mel = _filterbank(cfg, magnitude) @ magnitude                           # (B, n_mels, T)
     return mel.clamp(min=MEL_FLOOR).log()
 
 

@@ -130,13 +130,26 @@ class Omni(nn.Module):
             self.token2wav = Token2Wav(cfg)
         self.voices: dict[str, Voice] = {}
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (the Thinker's embedding: present in every configuration)."""
+        return self.thinker.model.embed_tokens.weight.device
+
+    def _noise(self, seed: int) -> FrameNoise:
+        """The DiT's starting noise of an utterance: fixed per mel frame, the same offline and streamed."""
+        return FrameNoise(seed, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
+
+    def _session(self, v: Voice, seed: int, t2w_kw: dict | None):
+        """A streaming Token2Wav session for voice `v` with the utterance noise of `seed`."""
+        return self.token2wav.session(v.cond, v.ref_mel, noise=self._noise(seed), **(t2w_kw or {}))
+
     def voice(self, name: str | None) -> Voice:
         if not self.voices:
             raise ValueError("no voices are loaded: load_voices(...) or set model.voices")
         name = name or next(iter(self.voices))
         if name not in self.voices:
             raise ValueError(f"unknown voice {name!r}; available: {sorted(self.voices)}")
-        v, dev = self.voices[name], self.thinker.model.embed_tokens.weight.device
+        v, dev = self.voices[name], self.device
         if v.cond.device != dev or v.ref_mel.device != dev:   # voice files are read on the CPU: follow the model
             v = self.voices[name] = Voice(v.bos_id, v.cond.to(dev), v.ref_mel.to(dev))
         return v
@@ -233,7 +246,7 @@ class Omni(nn.Module):
             return torch.zeros(0, dtype=torch.long, device=prompt_ids.device), torch.zeros(0)
         codes = torch.cat(codes)
         t2w_kw = dict(t2w_kw or {})
-        noise = t2w_kw.pop("noise", None) or FrameNoise(seed, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
+        noise = t2w_kw.pop("noise", None) or self._noise(seed)
         return codes, self.token2wav(codes[None], v.cond, v.ref_mel, noise=noise, **t2w_kw)[0]
 
     @torch.no_grad()
@@ -242,8 +255,7 @@ class Omni(nn.Module):
         """say(), streamed: yield PCM chunks (samples,) as soon as the streaming Token2Wav releases them, while
         the Talker is still writing codes. Same codes and the same per-frame noise as say()."""
         v = self.voice(voice)
-        t2w = self.token2wav.session(v.cond, v.ref_mel, noise=FrameNoise(seed, self.cfg.dit.mel_dim,
-                                                                            self.cfg.dit.block_size), **(t2w_kw or {}))
+        t2w = self._session(v, seed, t2w_kw)
         for code in self._say_codes(prompt_ids, reply_ids, v, seed, talker_kw):
             yield from t2w.push(code.view(1, 1))
         if t2w.codes.shape[1]:
@@ -283,8 +295,7 @@ class Omni(nn.Module):
         thinker_kw = {"max_new_tokens": 256, **(thinker_kw or {})}
         v = self.voice(voice)
         tc = self.cfg.talker
-        t2w = self.token2wav.session(v.cond, v.ref_mel, noise=FrameNoise(seed, self.cfg.dit.mel_dim,
-                                                                            self.cfg.dit.block_size), **(t2w_kw or {}))
+        t2w = self._session(v, seed, t2w_kw)
         stopped = False
         for kind, x in self._events(inputs, voice, thinker_kw, talker_kw or {}, {}, seed):
             if kind == "text":
@@ -317,7 +328,7 @@ class Omni(nn.Module):
         codes_t = torch.stack(codes, 1)
         v = self.voice(voice)
         t2w_kw = dict(t2w_kw or {})
-        noise = t2w_kw.pop("noise", None) or FrameNoise(seed, self.cfg.dit.mel_dim, self.cfg.dit.block_size)
+        noise = t2w_kw.pop("noise", None) or self._noise(seed)
         wavs = []
         for row in codes_t:
             stop = ((row == tc.codec_pad) | (row == tc.codec_eos)).nonzero()

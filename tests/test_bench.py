@@ -11,6 +11,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _module(name: str):
+    if str(BENCH) not in sys.path:          # the scripts import their shared helpers (bench/common.py) by name
+        sys.path.insert(0, str(BENCH))
     spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
     m = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(m)
