@@ -112,7 +112,13 @@ def attention_manual(q, k, v, mask=None, scale=None):
 
 def attention_sdpa(q, k, v, mask=None, scale=None, causal=False):
     """The fused path: torch's scaled_dot_product_attention (flash / memory-efficient kernels)."""
-    gqa = q.shape[1] != k.shape[1]
+    B, H, tq, D = q.shape
+    gqa = H != k.shape[1]
+    if mask is None and gqa and tq == 1 and not causal:
+        # one query per head (a decoding step): the query heads that share a kv head become that kv head's
+        # queries, (B, Hkv, n_rep, D), so the kernel attends without repeating the keys
+        return F.scaled_dot_product_attention(q.reshape(B, k.shape[1], H // k.shape[1], D), k, v,
+                                              scale=scale).reshape(B, H, 1, D)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
     empty = ~mask.any(dim=-1, keepdim=True)                            # (B|1, H|1, Tq, 1)
@@ -126,6 +132,12 @@ def attention(q, k, v, mask=None, *, causal=False, scale=None, impl=None):
     impl: "manual" or "fused"/"sdpa"; default: the current backend (see `use_backend`).
     """
     _check_qkv(q, k, v)
+    return attend(q, k, v, mask, causal=causal, scale=scale, impl=impl)
+
+
+def attend(q, k, v, mask=None, *, causal=False, scale=None, impl=None):
+    """`attention` without the argument checks, for the model's own layers (their shapes hold by construction;
+    a decoding step is a chain of tiny ops, where the checks cost as much as the kernel)."""
     impl = impl or _BACKEND
     tq, tk = q.shape[2], k.shape[2]
     if causal:

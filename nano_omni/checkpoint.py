@@ -67,16 +67,9 @@ def load_weights(module: nn.Module, state_dict: dict[str, torch.Tensor], *, pref
     shapes = sorted(f"{k}: checkpoint {tuple(incoming[k].shape)} vs model {tuple(own[k].shape)}"
                     for k in set(own) & set(incoming) if tuple(incoming[k].shape) != tuple(own[k].shape))
     report_problems(missing, unexpected, shapes, source)
-    with torch.no_grad():
-        params = dict(module.named_parameters(remove_duplicate=False))
-        bufs = dict(module.named_buffers(remove_duplicate=False))
-        for k, v in incoming.items():
-            name = k[len(prefix):]
-            target = params.get(name, bufs.get(name))
-            if target.device.type == "meta":
-                _assign(module, name, v)
-            else:
-                target.copy_(v.to(target.dtype))
+    stacks = stacked_keys(module)
+    for k, v in incoming.items():
+        put_weight(module, k[len(prefix):], v, stacks)
 
 
 def report_problems(missing: list[str], unexpected: list[str], shapes: list[str], source: str) -> None:
@@ -90,17 +83,52 @@ def report_problems(missing: list[str], unexpected: list[str], shapes: list[str]
         raise CheckpointError(f"cannot load {source}:\n  " + "\n  ".join(problems))
 
 
-def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Replace a meta tensor by real storage (used when the model was built on the meta device)."""
+def stacked_keys(module: nn.Module) -> dict[str, tuple[str, int, int]]:
+    """Checkpoint keys that live in rows of a StackedLinear: {key: (tensor name, first row, end row)}.
+
+    >>> from nano_omni.layers import SwiGLU
+    >>> stacked_keys(SwiGLU(4, 3))["up_proj.weight"]
+    ('gate_up_proj.weight', 3, 6)
+    """
+    from .layers import StackedLinear
+
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, StackedLinear):
+            owner = name.rpartition(".")[0]
+            owner = owner + "." if owner else ""
+            for part, (a, b) in m.part_rows().items():
+                for attr in ("weight", "bias"):
+                    if getattr(m, attr) is not None:
+                        out[f"{owner}{part}.{attr}"] = (f"{name}.{attr}", a, b)
+    return out
+
+
+def put_weight(module: nn.Module, key: str, value: torch.Tensor, stacks: dict, cast: bool = True) -> None:
+    """Write the checkpoint tensor `value` of our key `key` into `module` (stacks: `stacked_keys(module)`).
+
+    A real tensor is copied into (cast to its dtype). A meta tensor (a model built on the meta device) is replaced
+    by real storage: `value` itself, cast to the meta tensor's dtype when `cast`, else kept as it is; a stacked
+    tensor is first allocated whole, on `value`'s device, and each part then fills its rows.
+    """
+    name, rows = (stacks[key][0], stacks[key][1:]) if key in stacks else (key, None)
     *path, leaf = name.split(".")
     owner = module
     for p in path:
         owner = getattr(owner, p)
-    old = getattr(owner, leaf)
-    if isinstance(old, nn.Parameter):
-        setattr(owner, leaf, nn.Parameter(value.to(old.dtype), requires_grad=old.requires_grad))
-    else:
-        owner._buffers[leaf] = value.to(old.dtype)
+    old = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+    if old.device.type == "meta":
+        dtype = old.dtype if cast else value.dtype
+        new = value.to(dtype) if rows is None else torch.empty(old.shape, dtype=dtype, device=value.device)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+        else:
+            owner._buffers[leaf] = new
+        if rows is None:
+            return
+        old = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+    with torch.no_grad():
+        (old if rows is None else old[rows[0]: rows[1]]).copy_(value.to(old.dtype))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,17 +5,19 @@ Paper: Qwen2.5-Omni section 2.1 (both are Transformer decoders). Reference 1.1 /
 
 Shapes: x (B, T, d_model); positions (3, B, T); q (B, n_head, T, head_dim); k, v (B, n_kv_head, T, head_dim);
 rotary tables cos, sin (B, 1, T, head_dim).
-Module names follow the checkpoint (`embed_tokens`, `layers.N.self_attn.q_proj`, `mlp.gate_proj`, `norm`), so
-the loader's key map stays short. `embed_tokens` lives here for the key layout, but the forward takes
-embeddings: the Thinker scatters media features into them and the Talker adds its two tracks first.
+Module names follow the checkpoint (`embed_tokens`, `layers.N.self_attn.o_proj`, `mlp.down_proj`, `norm`), so
+the loader's key map stays short; q/k/v and gate/up are each one stacked matmul whose parts keep their
+checkpoint names (`q_proj`, `gate_proj`: see layers.StackedLinear). `embed_tokens` lives here for the key layout,
+but the forward takes embeddings: the Thinker scatters media features into them and the Talker adds its two tracks first.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from .attention import attention, causal_mask
-from .layers import RMSNorm, SwiGLU, apply_rotary_rolled, rope_inv_freq, rotary_tables
+from .attention import attend, causal_mask
+from .layers import (RMSNorm, StackedLinear, SwiGLU, apply_rotary_rolled, join_stacks, rope_inv_freq,
+                     rotary_tables)
 from .tmrope import mrope_angles
 
 
@@ -52,9 +54,10 @@ class KVCache:
                 if store[layer] is not None:
                     new[:, :, : self.length] = store[layer][:, :, : self.length]
                 store[layer] = new
-        self.k[layer][:, :, self.length: end] = k
-        self.v[layer][:, :, self.length: end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+        k_buf, v_buf = self.k[layer], self.v[layer]
+        k_buf.narrow(2, self.length, t).copy_(k)           # narrow: a view without building slice objects
+        v_buf.narrow(2, self.length, t).copy_(v)
+        return k_buf.narrow(2, 0, end), v_buf.narrow(2, 0, end)
 
     def advance(self, key_valid: torch.Tensor | None, batch: int, t: int, device) -> None:
         """Called once per forward, after every layer wrote: t new slots with validity key_valid (B, t), None when
@@ -80,20 +83,22 @@ class Attention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=True)
+        # q, k and v in one matmul; the checkpoint keeps q_proj, k_proj, v_proj (see StackedLinear)
+        self.qkv_proj = StackedLinear(cfg.d_model, {"q_proj": cfg.n_head * cfg.head_dim,
+                                                    "k_proj": cfg.n_kv_head * cfg.head_dim,
+                                                    "v_proj": cfg.n_kv_head * cfg.head_dim}, bias=True)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=False)
+        self.register_load_state_dict_pre_hook(join_stacks)
 
     def forward(self, x, cos, sin, mask, layer: int, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)       # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)    # (B, Hkv, T, D)
-        q, k = apply_rotary_rolled(q, cos, sin), apply_rotary_rolled(k, cos, sin)
+        H, Hkv = self.n_head, self.n_kv_head
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+        qk = apply_rotary_rolled(qkv[:, : H + Hkv], cos, sin)                           # q and k heads rotated at once
+        q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]                                # (B, H|Hkv|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                            # (B, Hkv, past+T, D)
-        y = attention(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, D)
+        y = attend(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                         # (B, T, d_model)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import DERIVED, CheckpointError, canonical_key, report_problems
+from .checkpoint import DERIVED, CheckpointError, canonical_key, put_weight, report_problems, stacked_keys
 from .config import OmniConfig, SpecialTokens
 from .omni import Omni, load_voices
 
@@ -113,7 +113,8 @@ def load_model(directory: str | Path, *, enable_audio_output: bool | None = None
     cfg = read_config(directory, enable_audio_output, tokens)
     with torch.device("meta"):
         model = Omni(cfg)
-    own = model.state_dict()
+    own = model.state_dict()                 # checkpoint names (stacked weights listed part by part)
+    stacks = stacked_keys(model)
     skip = () if cfg.enable_audio_output else ("talker.", "token2wav.")
     loaded, unexpected, shapes = set(), [], []
     for shard, listed in _shards(directory).items():
@@ -134,7 +135,8 @@ def load_model(directory: str | Path, *, enable_audio_output: bool | None = None
                         loaded.add(ck)                       # present, just wrong: reported once, as mis-shaped
                         continue
                     want = token2wav_dtype if ck.startswith("token2wav.") else dtype
-                    _place(model, ck, t.to(device=device, dtype=want if t.is_floating_point() else t.dtype))
+                    put_weight(model, ck, t.to(device=device, dtype=want if t.is_floating_point() else t.dtype),
+                               stacks, cast=False)
                     loaded.add(ck)
         except CheckpointError:
             raise
@@ -168,18 +170,6 @@ def load_tokenizer(directory: Path, cfg: OmniConfig):
 def from_pretrained(directory: str | Path, **kw):
     """An official Qwen2.5-Omni directory -> (Omni, tokenizer). Keywords as `load_model`."""
     return load_model(directory, **kw)
-
-
-def _place(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
-    *path, leaf = name.split(".")
-    owner = model
-    for p in path:
-        owner = getattr(owner, p)
-    old = owner._parameters.get(leaf)
-    if old is not None:
-        owner._parameters[leaf] = torch.nn.Parameter(value, requires_grad=old.requires_grad)
-    else:
-        owner._buffers[leaf] = value
 
 
 def weight_bytes(preset: str, dtype_bytes: int = 2, token2wav_bytes: int = 4) -> dict[str, int]:

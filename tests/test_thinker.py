@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from nano_omni.attention import use_backend
-from nano_omni.checkpoint import CheckpointError, load_weights
+from nano_omni.checkpoint import CheckpointError, canonical_key, load_weights
 from nano_omni.config import get_config
 from nano_omni.decoder import KVCache
 from nano_omni.sampling import SamplingConfig, process_logits
@@ -53,6 +53,27 @@ def test_loader_reports_every_problem_at_once(pair):
     assert "1 unexpected key(s)" in msg and "thinker.extra.weight" in msg
     assert "1 mis-shaped key(s)" in msg and "checkpoint (3, 3) vs model (128, 64)" in msg
 
+
+
+def test_stacked_weights_keep_their_checkpoint_names(pair):
+    """q/k/v and gate/up are one matmul each (StackedLinear), yet state_dict(), load_state_dict() and the loader
+    speak the checkpoint's names, part by part, also into a model built on the meta device."""
+    hf, ours = pair
+    sd = ours.state_dict()
+    assert not [k for k in sd if "qkv_proj" in k or "gate_up_proj" in k]
+    ref = {canonical_key("thinker." + k)[len("thinker."):]: v for k, v in hf.state_dict().items()}
+    for part in ("self_attn.q_proj.weight", "self_attn.k_proj.bias", "self_attn.v_proj.weight",
+                 "mlp.gate_proj.weight", "mlp.up_proj.weight"):
+        assert torch.equal(sd[f"model.layers.1.{part}"], ref[f"model.layers.1.{part}"]), part
+    fresh = Thinker(CFG)
+    fresh.load_state_dict(sd)
+    assert all(torch.equal(v, sd[k]) for k, v in fresh.state_dict().items())
+    with torch.device("meta"):
+        meta = Thinker(CFG)
+    load_weights(meta, {"thinker." + k: v for k, v in sd.items()}, prefix="thinker.",
+                 skip_prefixes=("thinker.audio_tower.", "thinker.visual."))
+    got = meta.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in sd.items() if not k.startswith(("audio_tower.", "visual.")))
 
 def test_cached_decode_equals_full_forward(pair):
     _, m = pair
