@@ -85,6 +85,8 @@ class TrainConfig:
     fresh_text: bool = False       # stage 2: a new question for every text_copy / text_count item (never a test one);
                                    # off: one default run with it, mean held-out 48.2 % vs 49.8 % (copy 72 vs 57 %,
                                    # count 37 vs 45 %): within the run-to-run noise, so the shipped recipe keeps it off
+    fresh_speech: bool = False     # stage 2: every other asr item a spliced utterance, a word sequence no recording
+                                   # says (data.SpeechPieces; never a held-out transcript)
     task_batches: bool = True      # stages 1-2: every batch holds one task, tasks take turns (else: mixed batches)
     task_turns: str = "asr=2"      # with task_batches: turns per round of the tasks that take more than one
     tasks: str = ""                # comma-separated tasks for the Thinker stages ("": all), e.g. video_cue_colour
@@ -352,8 +354,10 @@ def stage_thinker(run: Run, stage: int) -> dict:
         ex = [ex[i: i + t.s3_items] for i in range(0, len(ex) - t.s3_items + 1, t.s3_items)]
     redraw = frozenset()
     if stage == 2:   # fresh items in place of the committed ones (see nano_omni/toy.py)
-        redraw = frozenset([*(PICTURE_QUESTIONS if t.fresh_pictures else ()), *(TEXT_QUESTIONS if t.fresh_text else ())])
-    avoid = frozenset(e["question"] for e in load_examples("test") if e["task"] in TEXT_QUESTIONS) if redraw else frozenset()
+        redraw = frozenset([*(PICTURE_QUESTIONS if t.fresh_pictures else ()), *(TEXT_QUESTIONS if t.fresh_text else ()),
+                            *(["asr"] if t.fresh_speech else [])])
+    avoid = frozenset(e["answer" if e["task"] == "asr" else "question"] for e in load_examples("test")
+                      if e["task"] in TEXT_QUESTIONS or e["task"] == "asr") if redraw else frozenset()
     data = ThinkerData(ex, run.proc, run.tok, avoid=avoid)
     steps = t.s2_steps if stage == 2 else t.s3_steps
     bs = t.batch_size if stage == 2 else max(2, t.batch_size // t.s3_items)

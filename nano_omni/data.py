@@ -81,8 +81,9 @@ def conversation(ex: dict, root: str | Path = ROOT) -> tuple[list[dict], str, bo
     """(messages for the Processor, answer text, use_audio_in_video) for one example."""
     root = Path(root)
     items = []
-    if ex.get("audio"):
-        items.append({"type": "audio", "audio": str(root / ex["audio"])})
+    if ex.get("audio") is not None:     # a path under root, or (waveform, rate) in memory (spliced_speech)
+        au = ex["audio"]
+        items.append({"type": "audio", "audio": str(root / au) if isinstance(au, (str, Path)) else au})
     if ex.get("image") is not None:     # a path under root, or a picture in memory (fresh_picture)
         im = ex["image"]
         items.append({"type": "image", "image": str(root / im) if isinstance(im, (str, Path)) else im})
@@ -145,8 +146,10 @@ class ThinkerData:
 
     def __init__(self, examples: list, processor: Processor, tokenizer, root: str | Path = ROOT,
                  avoid: frozenset[str] = frozenset()):
-        """avoid: questions a fresh text item must never be (the held-out split's), see `batch`."""
+        """avoid: questions (text tasks) and transcripts (asr) a fresh item must never be: the held-out split's,
+        see `batch`."""
         self.proc, self.tok, self.root, self.avoid = processor, tokenizer, root, avoid
+        self.speech = SpeechPieces([ex for ex in examples if isinstance(ex, dict) and ex["task"] == "asr"], root)
         self.assistant = tokenizer.encode("assistant\n")
         self.items: list[Example] = [self.example(ex) for ex in examples]
 
@@ -171,12 +174,13 @@ class ThinkerData:
         """(inputs, labels (B, T)) for the items `idx`, right-padded. With augment_seed, the audio features are
         masked SpecAugment-style; with redraw_seed, every single-turn item of a task in `redraw` (picture tasks
         and text_copy / text_count) is replaced by a fresh one of the same task: a newly drawn picture or a new
-        question, with its answer. Training only; both depend only on (seed, item), so they do not change with
-        how a batch is split over processes."""
+        question, with its answer; for asr every other item (by seed) is, with a spliced utterance. Training
+        only; both depend only on (seed, item), so they do not change with how a batch is split over processes."""
         items = [self.items[i] for i in idx]
         if redraw_seed is not None:
             items = [self.example(self.fresh(it.task, redraw_seed * 1_000_003 + i))
-                     if it.task in redraw and len(it.answer_spans) == 1 else it for i, it in zip(idx, items)]
+                     if it.task in redraw and len(it.answer_spans) == 1
+                     and (it.task != "asr" or (redraw_seed + i) % 2) else it for i, it in zip(idx, items)]
         x = self.proc.collate([it.inputs for it in items], padding_side="right")
         if augment_seed is not None and x.audio_features is not None:
             gens = [torch.Generator().manual_seed(augment_seed * 1_000_003 + i)
@@ -193,10 +197,15 @@ class ThinkerData:
         """A new example of `task` (a picture task or a TEXT_QUESTIONS task), never one of the `avoid` questions."""
         if task in PICTURE_QUESTIONS:
             return fresh_picture(task, seed)
+        rng = np.random.default_rng(seed)
+        if task == "asr" and self.speech.pieces:
+            while True:
+                ex = self.speech.splice(rng, seed)
+                if ex["answer"] not in self.avoid:
+                    return ex
         if task not in TEXT_QUESTIONS:
             raise ValueError(f"task {task!r} has no fresh items; tasks that do: "
-                             f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS)}")
-        rng = np.random.default_rng(seed)
+                             f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS) + ['asr']}")
         while True:
             q, a = TEXT_QUESTIONS[task](rng)
             if q not in self.avoid:
@@ -220,6 +229,65 @@ def fresh_picture(task: str, seed: int) -> dict:
     im, meta = draw_picture(np.random.default_rng(seed))
     return {"id": f"fresh-{task}-{seed}", "task": task, "question": PICTURE_QUESTIONS[task],
             "answer": picture_answer(task, meta), "image": im}
+
+
+DIGIT_WORDS = frozenset("zero one two three four five six seven eight nine".split())
+
+
+class SpeechPieces:
+    """Training utterances to splice into new ones (`splice`): a fresh asr item says a word sequence that no
+    recording says. The held-out digit strings are new sequences of known words; a model that heard each training
+    string many times learns the strings whole (an asr-only run ends up writing every training string right and
+    almost none of the unseen 3- and 4-digit ones). Spliced items teach it to hear word after word.
+
+    Two recipes, same speaker, 40-160 ms of silence between the pieces: digit pieces (digit strings and single
+    digits) joined into 2-4 digits, or a colour then a shape ("red" + "circle")."""
+
+    RATE = 16000
+
+    def __init__(self, examples: list[dict], root: str | Path = ROOT):
+        self.root = Path(root)
+        self.pieces: dict[tuple[str, str], list[dict]] = {}
+        for ex in examples:
+            words = ex["answer"].split()
+            kind = ("digits" if all(w in DIGIT_WORDS for w in words)
+                    else ex.get("kind") if ex.get("kind") in ("colour", "shape") else None)
+            if kind and isinstance(ex.get("audio"), (str, Path)):
+                self.pieces.setdefault((ex["speaker"], kind), []).append(ex)
+        self.speakers = sorted({spk for spk, kind in self.pieces if (spk, "digits") in self.pieces})
+        self._wav: dict[str, np.ndarray] = {}
+
+    def wav(self, ex: dict) -> np.ndarray:
+        if ex["audio"] not in self._wav:
+            self._wav[ex["audio"]] = load_audio(self.root / ex["audio"], target_rate=self.RATE).numpy()
+        return self._wav[ex["audio"]]
+
+    def splice(self, rng: np.random.Generator, seed: int) -> dict:
+        spk = self.speakers[int(rng.integers(len(self.speakers)))]
+        if rng.random() < 0.5 and (spk, "colour") in self.pieces and (spk, "shape") in self.pieces:
+            chosen = [self._pick(rng, spk, "colour"), self._pick(rng, spk, "shape")]
+        else:
+            chosen, n = [], 0                           # two pieces or more, four digits at most
+            while len(chosen) < 2 or (n < 4 and rng.random() < 0.5):
+                room = 4 - n - (1 if not chosen else 0)     # the first piece leaves room for a second
+                fits = [ex for ex in self.pieces[(spk, "digits")] if len(ex["answer"].split()) <= room]
+                if not fits:
+                    break
+                ex = fits[int(rng.integers(len(fits)))]
+                chosen.append(ex)
+                n += len(ex["answer"].split())
+        parts = []
+        for k, ex in enumerate(chosen):
+            if k:
+                parts.append(np.zeros(int(self.RATE * rng.uniform(0.04, 0.16)), np.float32))
+            parts.append(self.wav(ex))
+        text = " ".join(ex["answer"] for ex in chosen)
+        return {"id": f"fresh-asr-{seed}", "task": "asr", "question": chosen[0]["question"], "answer": text,
+                "audio": (np.concatenate(parts), self.RATE), "speaker": spk, "pieces": [ex["id"] for ex in chosen]}
+
+    def _pick(self, rng, spk, kind) -> dict:
+        group = self.pieces[(spk, kind)]
+        return group[int(rng.integers(len(group)))]
 
 
 def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, gens: list[torch.Generator], n_time: int = 2,

@@ -186,3 +186,43 @@ def test_fresh_text_items_are_right_and_never_held_out(data_copy):
         else:   # pictures too: they were not asked for
             assert e["task"] not in PICTURE_QUESTIONS or torch.equal(x0.input_ids[i], x1.input_ids[i])
             assert answer == e["answer"] + "<|im_end|>"
+
+
+def test_spliced_speech_says_new_word_sequences():
+    """Fresh asr items: recordings of one speaker joined by 40-160 ms of silence; 2-4 digits or a colour and a
+    shape; the transcript is the pieces' transcripts in order, never a held-out one."""
+    import numpy as np
+
+    from nano_omni.data import DIGIT_WORDS, SpeechPieces
+    from nano_omni.toy import COLOURS, SHAPES
+
+    ex = load_examples("train", tasks={"asr"})
+    by_id = {e["id"]: e for e in ex}
+    pieces = SpeechPieces(ex)
+    kinds = set()
+    for seed in range(60):
+        e = pieces.splice(np.random.default_rng(seed), seed)
+        words, (wav, rate), used = e["answer"].split(), e["audio"], [by_id[i] for i in e["pieces"]]
+        assert rate == 16000 and len(used) >= 2 and {u["speaker"] for u in used} == {e["speaker"]}
+        assert e["answer"] == " ".join(u["answer"] for u in used)
+        digits = 2 <= len(words) <= 4 and set(words) <= DIGIT_WORDS
+        assert digits or (len(used) == 2 and used[0]["answer"] in COLOURS and used[1]["answer"] in SHAPES), words
+        kinds.add(digits)
+        first = pieces.wav(used[0])
+        assert np.array_equal(wav[: len(first)], first)
+        silence = len(wav) - sum(len(pieces.wav(u)) for u in used)
+        assert 0.04 * rate * (len(used) - 1) - 1 <= silence <= 0.16 * rate * (len(used) - 1) + 1
+    assert kinds == {True, False}                                                  # both recipes are drawn
+    # in ThinkerData: a held-out transcript is drawn again, and a batch replaces every other asr item
+    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
+    slt = [e for e in ex if e["speaker"] == "slt"][:40]
+    d = ThinkerData(slt, Processor(CFG, tok), tok)
+    first = d.fresh("asr", 0)
+    assert first == {**d.fresh("asr", 0), "audio": first["audio"]}                # a function of the seed
+    avoiding = ThinkerData(slt, Processor(CFG, tok), tok, avoid=frozenset([first["answer"]]))
+    assert avoiding.fresh("asr", 0)["answer"] != first["answer"]
+    idx = list(range(8))
+    x, labels = d.batch(idx, redraw_seed=3, redraw=frozenset({"asr"}))
+    for i in idx:
+        answer = tok.decode(x.input_ids[i][labels[i] != -100]).removesuffix("<|im_end|>")
+        assert answer == (d.fresh("asr", 3 * 1_000_003 + i)["answer"] if (3 + i) % 2 else slt[i]["answer"])
