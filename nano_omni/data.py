@@ -180,7 +180,8 @@ class ThinkerData:
         if redraw_seed is not None:
             items = [self.example(self.fresh(it.task, redraw_seed * 1_000_003 + i))
                      if it.task in redraw and len(it.answer_spans) == 1
-                     and (it.task != "asr" or (redraw_seed + i) % 2) else it for i, it in zip(idx, items)]
+                     and (it.task != "asr" or (self.speech.speakers and (redraw_seed + i) % 2)) else it
+                     for i, it in zip(idx, items)]
         x = self.proc.collate([it.inputs for it in items], padding_side="right")
         if augment_seed is not None and x.audio_features is not None:
             gens = [torch.Generator().manual_seed(augment_seed * 1_000_003 + i)
@@ -198,14 +199,14 @@ class ThinkerData:
         if task in PICTURE_QUESTIONS:
             return fresh_picture(task, seed)
         rng = np.random.default_rng(seed)
-        if task == "asr" and self.speech.pieces:
+        if task == "asr" and self.speech.speakers:
             while True:
                 ex = self.speech.splice(rng, seed)
                 if ex["answer"] not in self.avoid:
                     return ex
         if task not in TEXT_QUESTIONS:
-            raise ValueError(f"task {task!r} has no fresh items; tasks that do: "
-                             f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS) + ['asr']}")
+            raise ValueError(f"task {task!r} has no fresh items here; tasks that do: "
+                             f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS)}, and asr given digit recordings")
         while True:
             q, a = TEXT_QUESTIONS[task](rng)
             if q not in self.avoid:

@@ -173,7 +173,7 @@ def test_fresh_text_items_are_right_and_never_held_out(data_copy):
     first = d.fresh("text_count", 0)
     avoiding = ThinkerData(ex[:1], Processor(CFG, tok), tok, data_copy, avoid=frozenset([first["question"]]))
     assert avoiding.fresh("text_count", 0)["question"] != first["question"]
-    with pytest.raises(ValueError, match="task 'text_add' has no fresh items"):
+    with pytest.raises(ValueError, match="task 'text_add' has no fresh items here"):
         d.fresh("text_add", 0)
     # in a batch, only the tasks asked for are replaced
     idx = list(range(len(ex)))
