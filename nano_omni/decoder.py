@@ -7,8 +7,9 @@ Shapes: x (B, T, d_model); positions (3, B, T); q (B, n_head, T, head_dim); k, v
 rotary tables cos, sin (B, 1, T, head_dim).
 Module names follow the checkpoint (`embed_tokens`, `layers.N.self_attn.o_proj`, `mlp.down_proj`, `norm`), so
 the loader's key map stays short; q/k/v and gate/up are each one stacked matmul whose parts keep their
-checkpoint names (`q_proj`, `gate_proj`: see layers.StackedLinear). `embed_tokens` lives here for the key layout,
-but the forward takes embeddings: the Thinker scatters media features into them and the Talker adds its two tracks first.
+checkpoint names (`q_proj`, `gate_proj`: see layers.StackedLinear). `embed_tokens` lives here for the key
+layout, but the forward takes embeddings: the Thinker scatters media features into them and the Talker adds its
+two tracks first.
 """
 from __future__ import annotations
 
@@ -98,7 +99,7 @@ class Attention(nn.Module):
         q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]                                # (B, H|Hkv|Hkv, T, D)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                            # (B, Hkv, past+T, D)
-        y = attend(q, k, v, mask, causal=mask is None and T > 1)                    # (B, H, T, D)
+        y = attend(q, k, v, mask, causal=mask is None and T > 1)                        # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))                         # (B, T, d_model)
 
 
