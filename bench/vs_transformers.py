@@ -106,16 +106,17 @@ def bench_decode(cfg, hf, ours, device, prompt: int, new: int, repeats: int, syn
     t_ours = _timeit(run_ours, repeats, sync)
     return {"new_tokens": new, "transformers_tok_s": new / t_hf, "nano_omni_tok_s": new / t_ours,
             "speedup": t_hf / t_ours, "same_tokens": same,
-            "transformers_ops_per_token": ops_per_token(hf.thinker.generate, dict(input_ids=ids, attention_mask=mask,
-                                                        do_sample=False, eos_token_id=None), "max_new_tokens", new),
-            "nano_omni_ops_per_token": ops_per_token(lambda **k: ours.thinker.generate(ids, mask, **k),
-                                                     dict(stop_ids=[-1]), "max_new_tokens", new)}
+            "transformers_ops_per_token": ops_per_token(lambda n: hf.thinker.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                eos_token_id=None), new),
+            "nano_omni_ops_per_token": ops_per_token(lambda n: ours.thinker.generate(ids, mask, max_new_tokens=n,
+                                                                                     stop_ids=[-1]), new)}
 
 
-def ops_per_token(generate, kw: dict, count_arg: str, new: int) -> float:
-    """PyTorch operator calls per decoding step (what the dispatcher sees, views included): the calls of a run
-    of `new` tokens minus those of a 1-token run (the prompt's), over new - 1. A noise-free count of the work
-    each step hands to PyTorch; at small widths the step's time follows it."""
+def ops_per_token(generate, new: int) -> float:
+    """PyTorch operator calls per decoding step (what the dispatcher sees, views included): the calls of
+    generate(new) minus those of generate(1) (the prompt's), over new - 1. A noise-free count of the work each step
+    hands to PyTorch; at small widths the step's time follows it."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -128,9 +129,8 @@ def ops_per_token(generate, kw: dict, count_arg: str, new: int) -> float:
     calls = []
     for n in (1, new):
         Count.n = 0
-        extra = {"min_new_tokens": n} if "eos_token_id" in kw else {}
         with torch.no_grad(), Count():
-            generate(**kw, **extra, **{count_arg: n})
+            generate(n)
         calls.append(Count.n)
     return (calls[1] - calls[0]) / (new - 1)
 

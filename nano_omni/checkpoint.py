@@ -90,13 +90,12 @@ def stacked_keys(module: nn.Module) -> dict[str, tuple[str, int, int]]:
     >>> stacked_keys(SwiGLU(4, 3))["up_proj.weight"]
     ('gate_up_proj.weight', 3, 6)
     """
-    from .layers import StackedLinear
+    from .layers import StackedLinear, sibling_prefix
 
     out = {}
     for name, m in module.named_modules():
         if isinstance(m, StackedLinear):
-            owner = name.rpartition(".")[0]
-            owner = owner + "." if owner else ""
+            owner = sibling_prefix(name + ".")
             for part, (a, b) in m.part_rows().items():
                 for attr in ("weight", "bias"):
                     if getattr(m, attr) is not None:
@@ -121,12 +120,12 @@ def put_weight(module: nn.Module, key: str, value: torch.Tensor, stacks: dict, c
         dtype = old.dtype if cast else value.dtype
         new = value.to(dtype) if rows is None else torch.empty(old.shape, dtype=dtype, device=value.device)
         if leaf in owner._parameters:
-            owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)
+            owner._parameters[leaf] = nn.Parameter(new, requires_grad=old.requires_grad)   # shares new's storage
         else:
             owner._buffers[leaf] = new
         if rows is None:
             return
-        old = owner._parameters[leaf] if leaf in owner._parameters else owner._buffers[leaf]
+        old = new
     with torch.no_grad():
         (old if rows is None else old[rows[0]: rows[1]]).copy_(value.to(old.dtype))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio_io import load_audio
+from .audio_io import SAMPLE_RATE, load_audio
 from .processor import OmniInputs, Processor
 from .toy import PICTURE_QUESTIONS, TEXT_QUESTIONS, draw_picture, picture_answer
 
@@ -195,7 +195,8 @@ class ThinkerData:
         return x, labels
 
     def fresh(self, task: str, seed: int) -> dict:
-        """A new example of `task` (a picture task or a TEXT_QUESTIONS task), never one of the `avoid` questions."""
+        """A new example of `task` (a picture task, a TEXT_QUESTIONS task, or asr: a spliced utterance), never one
+        of the `avoid` questions or transcripts."""
         if task in PICTURE_QUESTIONS:
             return fresh_picture(task, seed)
         rng = np.random.default_rng(seed)
@@ -244,7 +245,7 @@ class SpeechPieces:
     Two recipes, same speaker, 40-160 ms of silence between the pieces: digit pieces (digit strings and single
     digits) joined into 2-4 digits, or a colour then a shape ("red" + "circle")."""
 
-    RATE = 16000
+    RATE = SAMPLE_RATE              # the audio encoder's rate: the pieces are joined where it reads them
 
     def __init__(self, examples: list[dict], root: str | Path = ROOT):
         self.root = Path(root)

@@ -54,14 +54,14 @@ class StackedLinear(nn.Linear):
         return rows
 
 
-def _sibling_prefix(prefix: str) -> str:
+def sibling_prefix(prefix: str) -> str:
     """'a.b.qkv_proj.' -> 'a.b.' (the prefix of the module that owns the stack)."""
     head = prefix[:-1].rpartition(".")[0]
     return head + "." if head else ""
 
 
 def _split_stack(module: StackedLinear, state_dict: dict, prefix: str, local_metadata) -> None:
-    parent = _sibling_prefix(prefix)
+    parent = sibling_prefix(prefix)
     for attr in ("weight", "bias"):
         if prefix + attr not in state_dict:
             continue
