@@ -28,7 +28,9 @@ TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour"
          "text_count")
 ALPHABET = re.compile(r"^[a-z :?.,']*$")      # questions, answers and transcripts are lower-case words
 SYSTEM = None                                 # the tiny models are trained without a system prompt
-IMAGE_PIXELS = (84 * 84, 84 * 84)             # the toy images stay at their own size: 3x3 tokens
+IMAGE_PIXELS = (84 * 84, 84 * 84)             # the toy images stay at their own size: 3x3 tokens (read at 168 px,
+                                              # 6x6, shape alone is learnt far sooner, but the whole mix costs
+                                              # 25 % more time: README, "What the recipe tried")
 VIDEO_PIXELS = (56 * 56, 56 * 56)             # video frames: 2x2 tokens per frame pair
 
 
@@ -243,15 +245,17 @@ class SpeechPieces:
     almost none of the unseen 3- and 4-digit ones). Spliced items teach it to hear word after word.
 
     Two recipes, same speaker, 40-160 ms of silence between the pieces: digit pieces (digit strings and single
-    digits) joined into 2-4 digits, or a colour then a shape ("red" + "circle")."""
+    digits) joined into 2-4 digits, or a colour then a shape ("red" + "circle"). The Talker learns from them too
+    (train_tiny.py, stage 4): new texts to speak, at the codec's rate."""
 
-    RATE = SAMPLE_RATE              # the audio encoder's rate: the pieces are joined where it reads them
-
-    def __init__(self, examples: list[dict], root: str | Path = ROOT):
-        self.root = Path(root)
+    def __init__(self, examples: list[dict], root: str | Path = ROOT, rate: int = SAMPLE_RATE):
+        """examples: asr examples (text in "answer") or utterances from `load_speech` (text in "transcript", their
+        "wav" already at `rate`); rate: the rate the pieces are joined at (the audio encoder's by default, the
+        codec's 24 kHz for the Talker)."""
+        self.root, self.rate = Path(root), rate
         self.pieces: dict[tuple[str, str], list[dict]] = {}
         for ex in examples:
-            words = ex["answer"].split()
+            words = self.text(ex).split()
             kind = ("digits" if all(w in DIGIT_WORDS for w in words)
                     else ex.get("kind") if ex.get("kind") in ("colour", "shape") else None)
             if kind and isinstance(ex.get("audio"), (str, Path)):
@@ -259,9 +263,14 @@ class SpeechPieces:
         self.speakers = sorted({spk for spk, kind in self.pieces if (spk, "digits") in self.pieces})
         self._wav: dict[str, np.ndarray] = {}
 
+    @staticmethod
+    def text(ex: dict) -> str:
+        return ex["answer"] if "answer" in ex else ex["transcript"]
+
     def wav(self, ex: dict) -> np.ndarray:
         if ex["audio"] not in self._wav:
-            self._wav[ex["audio"]] = load_audio(self.root / ex["audio"], target_rate=self.RATE).numpy()
+            wav = ex["wav"] if "wav" in ex else load_audio(self.root / ex["audio"], target_rate=self.rate)
+            self._wav[ex["audio"]] = np.asarray(wav, dtype=np.float32)
         return self._wav[ex["audio"]]
 
     def splice(self, rng: np.random.Generator, seed: int) -> dict:
@@ -272,20 +281,20 @@ class SpeechPieces:
             chosen, n = [], 0                           # two pieces or more, four digits at most
             while len(chosen) < 2 or (n < 4 and rng.random() < 0.5):
                 room = 4 - n - (1 if not chosen else 0)     # the first piece leaves room for a second
-                fits = [ex for ex in self.pieces[(spk, "digits")] if len(ex["answer"].split()) <= room]
+                fits = [ex for ex in self.pieces[(spk, "digits")] if len(self.text(ex).split()) <= room]
                 if not fits:
                     break
                 ex = fits[int(rng.integers(len(fits)))]
                 chosen.append(ex)
-                n += len(ex["answer"].split())
+                n += len(self.text(ex).split())
         parts = []
         for k, ex in enumerate(chosen):
             if k:
-                parts.append(np.zeros(int(self.RATE * rng.uniform(0.04, 0.16)), np.float32))
+                parts.append(np.zeros(int(self.rate * rng.uniform(0.04, 0.16)), np.float32))
             parts.append(self.wav(ex))
-        text = " ".join(ex["answer"] for ex in chosen)
-        return {"id": f"fresh-asr-{seed}", "task": "asr", "question": chosen[0]["question"], "answer": text,
-                "audio": (np.concatenate(parts), self.RATE), "speaker": spk, "pieces": [ex["id"] for ex in chosen]}
+        text = " ".join(self.text(ex) for ex in chosen)
+        return {"id": f"fresh-asr-{seed}", "task": "asr", "question": chosen[0].get("question"), "answer": text,
+                "audio": (np.concatenate(parts), self.rate), "speaker": spk, "pieces": [ex["id"] for ex in chosen]}
 
     def _pick(self, rng, spk, kind) -> dict:
         group = self.pieces[(spk, kind)]

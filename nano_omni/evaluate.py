@@ -7,8 +7,9 @@
 2. Speech: every voice speaks every held-out transcript (Thinker -> Talker -> DiT -> BigVGAN, the official sampling
    defaults with a fixed seed); the trained Thinker transcribes it back; word error rate per voice. Also the mel
    distance (DTW-aligned mean absolute difference of log mels) to the real recording of that text by that voice.
-3. Vocoder vs Griffin-Lim: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim -> transcribed ->
-   word error rate, and the mel distance to the original.
+3. The chain, part by part: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim, and -> their codec
+   codes -> DiT -> BigVGAN (the chain without the Talker) -> transcribed -> word error rate, and the mel distance
+   to the original. Read with 2, this says which part loses the words.
 The README's results table is written by --write-readme, between the markers it already holds.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from .audio_io import resample
+from .codec import SpeechCodec
 from .data import IMAGE_PIXELS, ROOT, SYSTEM, VIDEO_PIXELS, ThinkerData, load_examples, load_speech
 from .mel import griffin_lim
 from .processor import Processor
@@ -107,7 +109,11 @@ def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0, tasks=None,
-             positions: str = "tmrope", with_speech: bool = True) -> dict:
+             positions: str = "tmrope", with_speech: bool = True, codec=None) -> dict:
+    """Held-out accuracy per task, then (with_speech) the speech half judged by the model's own Thinker: generated
+    speech per voice, and the real test recordings through each part of the chain (their mel through BigVGAN and
+    Griffin-Lim; with `codec`, a SpeechCodec, their codes through the DiT and BigVGAN), so that where
+    intelligibility is lost can be read off."""
     model.eval()
     cfg = model.cfg
     proc = Processor(cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
@@ -128,7 +134,6 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
     speech = {}
     voc = {"bigvgan": [], "griffin_lim": []}
     if with_speech and getattr(model, "voices", None):
-        from .codec import SpeechCodec
         mel_of = SpeechCodec(torch.zeros(1, 2 * cfg.dit.mel_dim), cfg.dit.repeats, cfg.vocoder).mel
         for v in sorted(model.voices):
             mine = [u for u in utts if u["speaker"] == v]
@@ -149,6 +154,14 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
             heard = transcribe(model, proc, ws)
             voc[name] = {"wer": float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, heard)])),
                          "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
+        if codec is not None:         # the recordings' own codes: the chain without the Talker
+            voices = [model.voice(u["speaker"]) for u in real]
+            ws = [model.token2wav(codec.encode(u["wav"]).to(model.device)[None], v.cond, v.ref_mel)[0].cpu()
+                  for u, v in zip(real, voices)]
+            heard = transcribe(model, proc, ws)
+            voc["codes_dit_bigvgan"] = {
+                "wer": float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, heard)])),
+                "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
         asr_real = transcribe(model, proc, [u["wav"] for u in real])
         voc["real_recordings_wer"] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real)]))
     return {"accuracy": acc, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
@@ -163,9 +176,12 @@ def table(res: dict) -> str:
             md = "–" if s["mel_distance"] is None else f"{s['mel_distance']:.3f}"
             lines.append(f"| {v} | {100 * s['wer']:.1f} % | {md} |")
     if res["vocoder"].get("bigvgan"):
-        lines += ["", "| real recordings, mel -> | word error rate | mel distance |", "|---|---:|---:|"]
-        for name in ("bigvgan", "griffin_lim"):
-            lines.append(f"| {name} | {100 * res['vocoder'][name]['wer']:.1f} % | {res['vocoder'][name]['mel_distance']:.3f} |")
+        lines += ["", "| the held-out recordings, through | word error rate | mel distance |", "|---|---:|---:|"]
+        for name, label in (("bigvgan", "their mel -> BigVGAN"), ("griffin_lim", "their mel -> Griffin-Lim"),
+                            ("codes_dit_bigvgan", "their codec codes -> DiT -> BigVGAN")):
+            if name in res["vocoder"]:
+                r = res["vocoder"][name]
+                lines.append(f"| {label} | {100 * r['wer']:.1f} % | {r['mel_distance']:.3f} |")
         lines.append(f"| (the recordings themselves) | {100 * res['vocoder']['real_recordings_wer']:.1f} % | 0 |")
     return "\n".join(lines)
 
@@ -203,8 +219,11 @@ def main(argv=None):
     from .training import pick_device
 
     model, tok = load_model(a.checkpoint, dtype=torch.float32, device=pick_device(a.device))
+    codec_file = Path(a.checkpoint) / "codec.safetensors"
+    codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed,
-                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions, with_speech=not a.no_speech)
+                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions, with_speech=not a.no_speech,
+                   codec=codec)
     text = table(res)
     print(text)
     if a.write_readme:

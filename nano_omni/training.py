@@ -132,7 +132,9 @@ def checkpoint_dir(run: Path) -> Path:
 
 def save_run_checkpoint(run: Path, model: torch.nn.Module, config: dict, extra_files: dict[str, bytes] | None = None,
                         stage_state: tuple[str, torch.optim.Optimizer, dict] | None = None) -> None:
-    """Write model + config (+ extra files, + an unfinished stage's optimizer state) atomically as a whole."""
+    """Write model + config (+ extra files, + an unfinished stage's optimizer state) atomically as a whole. Files
+    of the previous checkpoint that this save does not rewrite (another stage's codec, voices, x-vectors, states)
+    carry over: rerunning one stage keeps what the others wrote."""
     from safetensors.torch import save
 
     # every process takes part in gathering sharded (FSDP) tensors; then only the first one writes
@@ -146,8 +148,11 @@ def save_run_checkpoint(run: Path, model: torch.nn.Module, config: dict, extra_f
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     prev = checkpoint_dir(run)
-    if prev.is_dir() and (prev / "state").is_dir():
-        shutil.copytree(prev / "state", tmp / "state")           # other stages' states carry over
+    if prev.is_dir():
+        for f in prev.iterdir():
+            if f.name in ("model.safetensors", "config.json") or f.name in (extra_files or {}):
+                continue
+            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
     atomic_write_bytes(tmp / "model.safetensors", save(_dedupe(sd)))
     atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
     for name, data in (extra_files or {}).items():

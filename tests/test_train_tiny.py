@@ -119,6 +119,66 @@ def test_truncated_checkpoint_is_named(quick_run, tmp_path):
         load_model(ck)
 
 
+
+def test_rerunning_one_stage_keeps_the_other_stages_files(quick_run, tmp_path):
+    """A checkpoint copied into a new run directory (codec, voices, x-vectors only inside it), then one stage
+    rerun there: the files that stage does not write are still in the new checkpoint, byte for byte."""
+    import shutil
+
+    run = tmp_path / "again"
+    shutil.copytree(quick_run / "checkpoint", run / "checkpoint")
+    kept = {n: (run / "checkpoint" / n).read_bytes()
+            for n in ("codec.safetensors", "voices.safetensors", "xvectors.safetensors")}
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "4"])
+    for name, data in kept.items():
+        assert (run / "checkpoint" / name).read_bytes() == data, name
+    assert load_model(run / "checkpoint")[0].voices
+
+
+def test_one_stage_rerun_from_its_initial_weights_repeats_the_whole_run(quick_run, tmp_path):
+    """--stage 7 --reinit on a finished run: the vocoder starts from a fresh run's initial weights and ends equal,
+    bit for bit, to the vocoder the whole run trained; nothing else changes. Without --stage it is refused."""
+    import shutil
+
+    run = tmp_path / "voc"
+    shutil.copytree(quick_run / "checkpoint", run / "checkpoint")
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "7", "--reinit"])
+    a, b = load_model(quick_run / "checkpoint")[0].state_dict(), load_model(run / "checkpoint")[0].state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert _losses(run, "7_vocoder") == _losses(quick_run, "7_vocoder")
+    with pytest.raises(SystemExit, match="--reinit goes with --stage"):
+        train_tiny.main(QUICK + ["--out", str(run), "--reinit"])
+
+
+def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_run, tmp_path):
+    """python -m nano_omni.evaluate on a trained run: an accuracy per held-out task, a word error rate per voice,
+    the real recordings through BigVGAN, Griffin-Lim and codes -> DiT -> BigVGAN; the table lands between the
+    README markers, and a file without them is refused untouched."""
+    from nano_omni import evaluate
+    from nano_omni.data import TASKS
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- results:begin -->\nold\n<!-- results:end -->\ntail\n")
+    out = tmp_path / "res.json"
+    evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), "--per-task", "2", "--per-voice", "1",
+                   "--threads", "1", "--write-readme", str(readme), "--json", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["accuracy"]) == set(TASKS)
+    assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
+    assert set(res["speech"]) == set(train_tiny.SPEAKERS)
+    for name in ("bigvgan", "griffin_lim", "codes_dit_bigvgan"):
+        assert res["vocoder"][name]["wer"] >= 0 and res["vocoder"][name]["mel_distance"] > 0, name
+    doc = readme.read_text()
+    assert "old" not in doc and doc.endswith("<!-- results:end -->\ntail\n")
+    assert "their codec codes -> DiT -> BigVGAN" in doc and "| asr |" in doc
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        evaluate.write_readme(bare, "table")
+    assert bare.read_text() == "no markers\n"
+
 # -- sample.py ---------------------------------------------------------------------------------------------------
 def _sample(*args, check=True):
     res = subprocess.run([sys.executable, str(REPO / "sample.py"), *args], cwd=REPO, capture_output=True, text=True,
@@ -184,3 +244,27 @@ def test_bad_task_turns_are_named(spec):
     with pytest.raises(SystemExit, match="task_turns"):
         train_tiny.task_turns(spec)
     assert train_tiny.task_turns("asr=2,text_add=3") == {"asr": 2, "text_add": 3}
+
+
+def test_talker_learns_to_speak_spliced_utterances():
+    """Stage 4's extra texts: recordings of one voice joined at the codec's rate, none a held-out transcript; the
+    waveform is the first piece's recording, then silence, then the next."""
+    import numpy as np
+
+    from nano_omni.data import load_examples, load_speech
+
+    utts = load_speech("train", speakers={"kal16"})
+    by_id = {u["id"]: u for u in utts}
+    held_out = frozenset(e["answer"] for e in load_examples("test", tasks={"asr"}))
+    out = train_tiny.spliced_utterances(utts, 40, seed=3, avoid=held_out, rate=24000)
+    assert len(out) == 40 and len({u["transcript"] for u in out}) > 10
+    again = train_tiny.spliced_utterances(utts, 40, seed=3, avoid=held_out, rate=24000)
+    assert all(a["transcript"] == b["transcript"] and torch.equal(a["wav"], b["wav"]) for a, b in zip(out, again))
+    for u in out:
+        assert u["speaker"] == "kal16" and u["transcript"] not in held_out and u["wav"].dtype == torch.float32
+    # the pieces are the recordings themselves, at 24 kHz: the first one starts the waveform sample for sample
+    u = out[0]
+    starts = [v for v in by_id.values() if np.array_equal(u["wav"][: len(v["wav"])].numpy(), v["wav"].numpy())]
+    assert starts and u["transcript"].startswith(starts[0]["transcript"])
+    assert train_tiny.spliced_utterances(utts, 5, seed=3, avoid=frozenset(u["transcript"] for u in out),
+                                         rate=24000)[0]["transcript"] not in {u["transcript"] for u in out}
