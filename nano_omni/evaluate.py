@@ -222,8 +222,8 @@ def main(argv=None):
     codec_file = Path(a.checkpoint) / "codec.safetensors"
     codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed,
-                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions, with_speech=not a.no_speech,
-                   codec=codec)
+                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions,
+                   with_speech=not a.no_speech, codec=codec)
     text = table(res)
     print(text)
     if a.write_readme:

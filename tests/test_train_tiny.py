@@ -136,18 +136,25 @@ def test_rerunning_one_stage_keeps_the_other_stages_files(quick_run, tmp_path):
 
 
 def test_one_stage_rerun_from_its_initial_weights_repeats_the_whole_run(quick_run, tmp_path):
-    """--stage 7 --reinit on a finished run: the vocoder starts from a fresh run's initial weights and ends equal,
-    bit for bit, to the vocoder the whole run trained; nothing else changes. Without --stage it is refused."""
+    """--stage 6 --stage 7 --reinit on a finished run: the DiT (with fresh x-vectors) and the vocoder start from a
+    fresh run's initial weights and end equal, bit for bit, to what the whole run trained, voices included;
+    nothing else changes. Without --stage it is refused."""
     import shutil
 
-    run = tmp_path / "voc"
+    run = tmp_path / "t2w"
     shutil.copytree(quick_run / "checkpoint", run / "checkpoint")
-    train_tiny.main(QUICK + ["--out", str(run), "--stage", "7", "--reinit"])
-    a, b = load_model(quick_run / "checkpoint")[0].state_dict(), load_model(run / "checkpoint")[0].state_dict()
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "6", "--stage", "7", "--reinit"])
+    (ma, _), (mb, _) = load_model(quick_run / "checkpoint"), load_model(run / "checkpoint")
+    a, b = ma.state_dict(), mb.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert _losses(run, "7_vocoder") == _losses(quick_run, "7_vocoder")
+    assert ma.voices.keys() == mb.voices.keys()
+    for v in ma.voices:
+        assert torch.equal(ma.voices[v].cond, mb.voices[v].cond)
+        assert torch.equal(ma.voices[v].ref_mel, mb.voices[v].ref_mel)
+    for stage in ("6_dit", "7_vocoder"):
+        assert _losses(run, stage) == _losses(quick_run, stage)
     with pytest.raises(SystemExit, match="--reinit goes with --stage"):
         train_tiny.main(QUICK + ["--out", str(run), "--reinit"])
 
