@@ -456,8 +456,9 @@ def talker_batch(run: Run, items: list[dict], codes_list=None):
 
 def spliced_utterances(utts: list[dict], n: int, seed: int, avoid: frozenset[str], rate: int) -> list[dict]:
     """n new utterances for the Talker to speak, each recordings of one voice joined (data.SpeechPieces, at the
-    codec's rate), none saying a held-out transcript. The Talker otherwise sees each recorded text so often that
-    it learns the code sequence of every training text whole and has nothing to say for a new one."""
+    codec's rate), none saying a held-out transcript: new texts to speak, since the Talker otherwise learns each
+    recorded text's codes whole. Opt-in (--train.s4_spliced): at the tiny Talker's size it made the generated speech
+    harder to hear, not easier (README, "Tried and not kept")."""
     pieces = SpeechPieces(utts, rate=rate)                    # utts: from load_speech, their waveforms at `rate`
     rng = np.random.default_rng(seed)
     out = []
