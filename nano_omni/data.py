@@ -29,8 +29,8 @@ TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour"
 ALPHABET = re.compile(r"^[a-z :?.,']*$")      # questions, answers and transcripts are lower-case words
 SYSTEM = None                                 # the tiny models are trained without a system prompt
 IMAGE_PIXELS = (84 * 84, 84 * 84)             # the toy images stay at their own size: 3x3 tokens (read at 168 px,
-                                              # 6x6, shape alone is learnt far sooner, but the whole mix costs
-                                              # 25 % more time: README, "What the recipe tried")
+                                              # 6x6, shape alone is learnt far sooner, but a picture step costs
+                                              # 2.4x as much: README, "Tried and not kept")
 VIDEO_PIXELS = (56 * 56, 56 * 56)             # video frames: 2x2 tokens per frame pair
 
 
@@ -245,8 +245,8 @@ class SpeechPieces:
     almost none of the unseen 3- and 4-digit ones). Spliced items teach it to hear word after word.
 
     Two recipes, same speaker, 40-160 ms of silence between the pieces: digit pieces (digit strings and single
-    digits) joined into 2-4 digits, or a colour then a shape ("red" + "circle"). The Talker learns from them too
-    (train_tiny.py, stage 4): new texts to speak, at the codec's rate."""
+    digits) joined into 2-4 digits, or a colour then a shape ("red" + "circle"). train_tiny.py can give them to
+    the Talker too, at the codec's rate (stage 4, opt-in: --train.s4_spliced)."""
 
     def __init__(self, examples: list[dict], root: str | Path = ROOT, rate: int = SAMPLE_RATE):
         """examples: asr examples (text in "answer") or utterances from `load_speech` (text in "transcript", their
