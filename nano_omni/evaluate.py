@@ -8,8 +8,9 @@
    defaults with a fixed seed); the trained Thinker transcribes it back; word error rate per voice. Also the mel
    distance (DTW-aligned mean absolute difference of log mels) to the real recording of that text by that voice.
 3. The chain, part by part: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim, and -> their codec
-   codes -> DiT -> BigVGAN (the chain without the Talker) -> transcribed -> word error rate, and the mel distance
-   to the original. Read with 2, this says which part loses the words.
+   codes -> DiT -> BigVGAN (the chain without the Talker) or -> the codes' centroids -> Griffin-Lim (what the codes
+   alone hold) -> transcribed -> word error rate, and the mel distance to the original. Read with 2, this says
+   which part loses the words.
 The README's results table is written by --write-readme, between the markers it already holds.
 """
 from __future__ import annotations
@@ -148,20 +149,19 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
                          "n": len(mine), "examples": [{"text": u["transcript"], "heard": h} for u, h in zip(mine[:3], heard[:3])]}
         real = utts[: (per_voice * 4) if per_voice else len(utts)]
         mels = [mel_of(u["wav"]) for u in real]
-        bv = [model.token2wav.code2wav_bigvgan_model(m.T[None].to(model.device))[0].cpu() for m in mels]
-        gl = [griffin_lim(m.T[None], cfg.vocoder)[0] for m in mels]
-        for name, ws in (("bigvgan", bv), ("griffin_lim", gl)):
+        runs = {"bigvgan": [model.token2wav.code2wav_bigvgan_model(m.T[None].to(model.device))[0].cpu() for m in mels],
+                "griffin_lim": [griffin_lim(m.T[None], cfg.vocoder)[0] for m in mels]}
+        if codec is not None:   # the recordings' own codes: the chain without the Talker, and what the codes hold
+            codes = [codec.encode(u["wav"]) for u in real]
+            voices = [model.voice(u["speaker"]) for u in real]
+            runs["codes_dit_bigvgan"] = [model.token2wav(c.to(model.device)[None], v.cond, v.ref_mel)[0].cpu()
+                                         for c, v in zip(codes, voices)]
+            runs["codes_centroids_griffin_lim"] = [griffin_lim(codec.decode_mel(c).T[None], cfg.vocoder)[0]
+                                                   for c in codes]
+        for name, ws in runs.items():
             heard = transcribe(model, proc, ws)
             voc[name] = {"wer": float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, heard)])),
                          "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
-        if codec is not None:         # the recordings' own codes: the chain without the Talker
-            voices = [model.voice(u["speaker"]) for u in real]
-            ws = [model.token2wav(codec.encode(u["wav"]).to(model.device)[None], v.cond, v.ref_mel)[0].cpu()
-                  for u, v in zip(real, voices)]
-            heard = transcribe(model, proc, ws)
-            voc["codes_dit_bigvgan"] = {
-                "wer": float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, heard)])),
-                "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
         asr_real = transcribe(model, proc, [u["wav"] for u in real])
         voc["real_recordings_wer"] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real)]))
     return {"accuracy": acc, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
@@ -178,7 +178,8 @@ def table(res: dict) -> str:
     if res["vocoder"].get("bigvgan"):
         lines += ["", "| the held-out recordings, through | word error rate | mel distance |", "|---|---:|---:|"]
         for name, label in (("bigvgan", "their mel -> BigVGAN"), ("griffin_lim", "their mel -> Griffin-Lim"),
-                            ("codes_dit_bigvgan", "their codec codes -> DiT -> BigVGAN")):
+                            ("codes_dit_bigvgan", "their codec codes -> DiT -> BigVGAN"),
+                            ("codes_centroids_griffin_lim", "their codec codes -> centroids' mel -> Griffin-Lim")):
             if name in res["vocoder"]:
                 r = res["vocoder"][name]
                 lines.append(f"| {label} | {100 * r['wer']:.1f} % | {r['mel_distance']:.3f} |")

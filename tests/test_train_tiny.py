@@ -175,7 +175,7 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
     assert set(res["accuracy"]) == set(TASKS)
     assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
     assert set(res["speech"]) == set(train_tiny.SPEAKERS)
-    for name in ("bigvgan", "griffin_lim", "codes_dit_bigvgan"):
+    for name in ("bigvgan", "griffin_lim", "codes_dit_bigvgan", "codes_centroids_griffin_lim"):
         assert res["vocoder"][name]["wer"] >= 0 and res["vocoder"][name]["mel_distance"] > 0, name
     doc = readme.read_text()
     assert "old" not in doc and doc.endswith("<!-- results:end -->\ntail\n")
