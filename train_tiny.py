@@ -463,9 +463,8 @@ def spliced_utterances(utts: list[dict], n: int, seed: int, avoid: frozenset[str
     rng = np.random.default_rng(seed)
     out = []
     while pieces.speakers and len(out) < n:
-        ex = pieces.splice(rng, len(out))
-        if ex["answer"] not in avoid:
-            out.append({"speaker": ex["speaker"], "transcript": ex["answer"], "wav": torch.from_numpy(ex["audio"][0])})
+        ex = pieces.splice(rng, len(out), avoid)
+        out.append({"speaker": ex["speaker"], "transcript": ex["answer"], "wav": torch.from_numpy(ex["audio"][0])})
     return out
 
 
@@ -694,7 +693,7 @@ TRAINED_BY = {1: "thinker", 2: "thinker", 3: "thinker", 4: "talker", 5: "talker"
 def reinit(run: Run, stages: list[int]) -> None:
     """Reset the parts `stages` train to the values a fresh run starts with (the model built under the seed; the
     DiT's x-vectors are redrawn by stage 6 itself), so that rerunning a stage on a finished run gives what a whole
-    run with that stage's settings would (tested for the vocoder)."""
+    run with that stage's settings would (tested for the DiT and the vocoder)."""
     torch.manual_seed(run.t.seed)
     fresh = Omni(run.cfg)
     for name in sorted({TRAINED_BY[s] for s in stages}):

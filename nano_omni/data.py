@@ -203,10 +203,7 @@ class ThinkerData:
             return fresh_picture(task, seed)
         rng = np.random.default_rng(seed)
         if task == "asr" and self.speech.speakers:
-            while True:
-                ex = self.speech.splice(rng, seed)
-                if ex["answer"] not in self.avoid:
-                    return ex
+            return self.speech.splice(rng, seed, self.avoid)
         if task not in TEXT_QUESTIONS:
             raise ValueError(f"task {task!r} has no fresh items here; tasks that do: "
                              f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS)}, and asr given digit recordings")
@@ -273,7 +270,14 @@ class SpeechPieces:
             self._wav[ex["audio"]] = np.asarray(wav, dtype=np.float32)
         return self._wav[ex["audio"]]
 
-    def splice(self, rng: np.random.Generator, seed: int) -> dict:
+    def splice(self, rng: np.random.Generator, seed: int, avoid: frozenset[str] = frozenset()) -> dict:
+        """A new utterance drawn with `rng`, its transcript none of `avoid` (drawn again until so)."""
+        while True:
+            ex = self._splice(rng, seed)
+            if ex["answer"] not in avoid:
+                return ex
+
+    def _splice(self, rng: np.random.Generator, seed: int) -> dict:
         spk = self.speakers[int(rng.integers(len(self.speakers)))]
         if rng.random() < 0.5 and (spk, "colour") in self.pieces and (spk, "shape") in self.pieces:
             chosen = [self._pick(rng, spk, "colour"), self._pick(rng, spk, "shape")]
