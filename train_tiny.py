@@ -26,7 +26,7 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -140,10 +140,15 @@ class Run:
         self.fresh_xvectors = False      # --reinit of stage 6: do not take the checkpoint's x-vectors
         ck = checkpoint_dir(self.dir)
         if ck.is_dir() and (ck / "model.safetensors").is_file():
-            saved = json.loads((ck / "config.json").read_text())
-            if OmniConfig.from_dict(saved) != cfg:
-                raise SystemExit(f"{ck} holds a model of another configuration; use a new --out or the same settings")
-            self.model, _ = load_model(ck, dtype=torch.float32)
+            saved = OmniConfig.from_dict(json.loads((ck / "config.json").read_text()))
+            changed = {f.name for f in fields(OmniConfig) if getattr(saved, f.name) != getattr(cfg, f.name)}
+            free = {part for s in (args.stage or []) for part in CONFIG_OF[s]} if args.reinit else set()
+            if changed - free:
+                raise SystemExit(f"{ck} holds a model of another configuration (it differs in: "
+                                 f"{', '.join(sorted(changed))}); use a new --out or the same settings (with --stage "
+                                 f"N --reinit, only the parts stage N trains may change)")
+            self.model, _ = load_model(ck, dtype=torch.float32)      # in the saved configuration; reinit() swaps
+                                                                       # in parts of a changed size
             self.progress = json.loads((ck / "progress.json").read_text())["done"]
             if (ck / "codec.safetensors").is_file():
                 self.codec = SpeechCodec.load(ck / "codec.safetensors")
@@ -688,16 +693,29 @@ def stage_vocoder(run: Run) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 TRAINED_BY = {1: "thinker", 2: "thinker", 3: "thinker", 4: "talker", 5: "talker",
               6: "token2wav.code2wav_dit_model", 7: "token2wav.code2wav_bigvgan_model"}
+CONFIG_OF = {1: ("thinker", "audio", "vision"), 2: ("thinker", "audio", "vision"), 3: ("thinker", "audio", "vision"),
+             4: ("talker",), 5: ("talker",), 6: ("dit",), 7: ("vocoder",)}    # the config sections each stage's part reads
 
 
 def reinit(run: Run, stages: list[int]) -> None:
     """Reset the parts `stages` train to the values a fresh run starts with (the model built under the seed; the
     DiT's x-vectors are redrawn by stage 6 itself), so that rerunning a stage on a finished run gives what a whole
-    run with that stage's settings would (tested for the DiT and the vocoder)."""
+    run with that stage's settings would (tested for the DiT and the vocoder). Those parts may also change size
+    (`--stage 4 --reinit --talker.n_layer=3`): the part is then the fresh one in its new configuration, the same
+    initial weights as a whole run with that configuration would give it (tested)."""
     torch.manual_seed(run.t.seed)
     fresh = Omni(run.cfg)
+    resized = run.model.cfg != run.cfg          # --reinit with overrides of these parts' sizes (checked by Run)
     for name in sorted({TRAINED_BY[s] for s in stages}):
-        run.model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
+        if resized:                             # the fresh part itself, in the new size
+            parent, _, attr = name.rpartition(".")
+            setattr(run.model.get_submodule(parent) if parent else run.model, attr,
+                    fresh.get_submodule(name).to(run.device))
+        else:
+            run.model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
+    run.model.cfg = run.cfg
+    if hasattr(run.model, "token2wav"):
+        run.model.token2wav.cfg = run.cfg       # Token2Wav reads the DiT's and the vocoder's sections from it
     if 6 in stages:
         run.fresh_xvectors = True
 

@@ -159,6 +159,32 @@ def test_one_stage_rerun_from_its_initial_weights_repeats_the_whole_run(quick_ru
         train_tiny.main(QUICK + ["--out", str(run), "--reinit"])
 
 
+def test_one_stage_rerun_may_resize_its_part(quick_run, tmp_path):
+    """--stage 4 --reinit --talker.n_layer=1 on a finished run: the Talker is rebuilt in its new size and trained
+    to what a whole run in that configuration gives it (weights and losses equal); the Thinker, DiT and vocoder
+    stay the checkpoint's; the saved config says the new size. Resizing a part the stage does not train is refused."""
+    import shutil
+
+    run = tmp_path / "small_talker"
+    shutil.copytree(quick_run / "checkpoint", run / "checkpoint")
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "4", "--reinit", "--talker.n_layer=1"])
+    whole = tmp_path / "whole"
+    train_tiny.main(QUICK + ["--out", str(whole), "--talker.n_layer=1"] + [f"--stage={s}" for s in (1, 2, 3, 4)])
+    (m0, _), (m1, _), (m2, _) = (load_model(d / "checkpoint") for d in (quick_run, run, whole))
+    assert m1.cfg.talker.n_layer == 1 and len(m1.talker.model.layers) == 1
+    for part in ("thinker", "token2wav"):
+        for k, v in getattr(m0, part).state_dict().items():
+            assert torch.equal(v, getattr(m1, part).state_dict()[k]), k
+    for k, v in m2.talker.state_dict().items():
+        assert torch.equal(v, m1.talker.state_dict()[k]), k
+    assert _losses(run, "4_talker") == _losses(whole, "4_talker")
+    with pytest.raises(SystemExit, match="differs in: thinker"):
+        train_tiny.main(QUICK + ["--out", str(run), "--stage", "4", "--reinit", "--talker.n_layer=1",
+                         "--thinker.n_layer=1"])
+    with pytest.raises(SystemExit, match="differs in: talker"):
+        train_tiny.main(QUICK + ["--out", str(run), "--stage", "6", "--reinit", "--talker.n_layer=2"])
+
+
 def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_run, tmp_path):
     """python -m nano_omni.evaluate on a trained run: an accuracy per held-out task, a word error rate per voice,
     the real recordings through BigVGAN, Griffin-Lim and codes -> DiT -> BigVGAN; the table lands between the
