@@ -142,7 +142,7 @@ class Run:
         if ck.is_dir() and (ck / "model.safetensors").is_file():
             saved = OmniConfig.from_dict(json.loads((ck / "config.json").read_text()))
             changed = {f.name for f in fields(OmniConfig) if getattr(saved, f.name) != getattr(cfg, f.name)}
-            free = {part for s in (args.stage or []) for part in CONFIG_OF[s]} if args.reinit else set()
+            free = {part for s in (args.stage or []) for part in TRAINED_BY[s][1]} if args.reinit else set()
             if changed - free:
                 raise SystemExit(f"{ck} holds a model of another configuration (it differs in: "
                                  f"{', '.join(sorted(changed))}); use a new --out or the same settings (with --stage "
@@ -691,10 +691,10 @@ def stage_vocoder(run: Run) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-TRAINED_BY = {1: "thinker", 2: "thinker", 3: "thinker", 4: "talker", 5: "talker",
-              6: "token2wav.code2wav_dit_model", 7: "token2wav.code2wav_bigvgan_model"}
-CONFIG_OF = {1: ("thinker", "audio", "vision"), 2: ("thinker", "audio", "vision"), 3: ("thinker", "audio", "vision"),
-             4: ("talker",), 5: ("talker",), 6: ("dit",), 7: ("vocoder",)}    # the config sections each stage's part reads
+# stage -> (the submodule it trains, the config sections that submodule is built from)
+_THINKER = ("thinker", ("thinker", "audio", "vision"))
+TRAINED_BY = {1: _THINKER, 2: _THINKER, 3: _THINKER, 4: ("talker", ("talker",)), 5: ("talker", ("talker",)),
+              6: ("token2wav.code2wav_dit_model", ("dit",)), 7: ("token2wav.code2wav_bigvgan_model", ("vocoder",))}
 
 
 def reinit(run: Run, stages: list[int]) -> None:
@@ -705,14 +705,9 @@ def reinit(run: Run, stages: list[int]) -> None:
     initial weights as a whole run with that configuration would give it (tested)."""
     torch.manual_seed(run.t.seed)
     fresh = Omni(run.cfg)
-    resized = run.model.cfg != run.cfg          # --reinit with overrides of these parts' sizes (checked by Run)
-    for name in sorted({TRAINED_BY[s] for s in stages}):
-        if resized:                             # the fresh part itself, in the new size
-            parent, _, attr = name.rpartition(".")
-            setattr(run.model.get_submodule(parent) if parent else run.model, attr,
-                    fresh.get_submodule(name).to(run.device))
-        else:
-            run.model.get_submodule(name).load_state_dict(fresh.get_submodule(name).state_dict())
+    for name in sorted({TRAINED_BY[s][0] for s in stages}):
+        parent, _, attr = name.rpartition(".")   # the fresh part itself: in a new size too (overrides checked by Run)
+        setattr(run.model.get_submodule(parent) if parent else run.model, attr, fresh.get_submodule(name).to(run.device))
     run.model.cfg = run.cfg
     if hasattr(run.model, "token2wav"):
         run.model.token2wav.cfg = run.cfg       # Token2Wav reads the DiT's and the vocoder's sections from it
