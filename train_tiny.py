@@ -49,7 +49,7 @@ from nano_omni.tokenizer import ByteTokenizer, chat_template
 from nano_omni.toy import PICTURE_QUESTIONS, TEXT_QUESTIONS
 from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr,
                                 dist_info, init_distributed, load_stage_state, local_share, pick_device,
-                                save_run_checkpoint, step_generator, step_indices, task_step_indices,
+                                save_run_checkpoint, step_generator, step_group, step_indices, task_step_indices,
                                 token_mean_loss)
 
 STAGES = {1: "encoders", 2: "multimodal", 3: "long", 4: "talker", 5: "dpo", 6: "dit", 7: "vocoder"}
@@ -187,6 +187,7 @@ class Run:
             meta = load_stage_state(self.dir, name, opt)
             start = meta["step"] if meta else 0
         log = StageLog(self.dir, f"{stage}_{name}", resume_step=start)
+        task_of = getattr(loss_fn, "task_of", None)      # step -> its batch's task, where a batch holds one task
         bar = tqdm(range(start, steps), desc=f"stage {stage} {name}", disable=self.rank != 0, dynamic_ncols=True)
         done_here = 0
         for step in bar:
@@ -203,7 +204,7 @@ class Run:
             else:
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            log.add(step, value, lr_t)
+            log.add(step, value, lr_t, task_of(step) if task_of else "")
             bar.set_postfix(loss=f"{value:.4f}")
             done_here += 1
             last = step + 1 == steps
@@ -321,7 +322,8 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
     turns = task_turns(run.t.task_turns)
     # A task with n turns enters as n groups: each copy walks its own permutation, so the task's items come
     # epoch by epoch per copy, not across copies (the shipped checkpoint was trained this way).
-    groups = [groups[k] for k in sorted(groups) for _ in range(turns.get(k, 1))]
+    names = [k for k in sorted(groups) for _ in range(turns.get(k, 1))]
+    groups = [groups[k] for k in names]
 
     def loss_fn(step: int, module):
         if by_task:
@@ -339,6 +341,8 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
         loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
         return token_mean_loss(loss_sum, int((labels != -100).sum()))
+    if by_task:      # the loop logs each step's task
+        loss_fn.task_of = lambda step: names[step_group(len(groups), step, run.t.seed)]
     return loss_fn
 
 

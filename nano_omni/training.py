@@ -90,9 +90,14 @@ def task_step_indices(groups: list[list[int]], batch_size: int, step: int, seed:
     of len(groups), each group serving one batch per round in a seeded order; within a group, items come epoch by
     epoch from its own seeded permutation (as in step_indices). Tasks then share the steps equally, and a batch
     is padded only to the lengths of its own task (a video row no longer makes 31 text rows 200 tokens long)."""
-    rnd, k = divmod(step, len(groups))
-    g = int(torch.randperm(len(groups), generator=torch.Generator().manual_seed(seed * 10_007 + rnd))[k])
+    rnd, g = step // len(groups), step_group(len(groups), step, seed)
     return [groups[g][i] for i in step_indices(len(groups[g]), batch_size, rnd, seed * 31 + g)]
+
+
+def step_group(n_groups: int, step: int, seed: int) -> int:
+    """Which group serves the batch of `step` in task_step_indices."""
+    rnd, k = divmod(step, n_groups)
+    return int(torch.randperm(n_groups, generator=torch.Generator().manual_seed(seed * 10_007 + rnd))[k])
 
 
 def local_share(indices: list[int]) -> list[int]:
@@ -227,7 +232,12 @@ def _dedupe(sd: dict) -> dict:
 # Logs and plots.
 # ----------------------------------------------------------------------------------------------------------------
 class StageLog:
-    """Per-stage CSV of (step, loss, lr, seconds) and, at the end, an SVG plot and a JSON summary."""
+    """Per-stage CSV of (step, loss, lr, seconds, task) and, at the end, an SVG plot and a JSON summary.
+
+    task: the task of the step's batch where every batch holds one task (stages 1-2), else empty. With tasks, the
+    plot draws each task's own curve and the summary gives each task's final loss: the mix's single curve hides
+    a task that has not started to learn (a picture task can sit on its plateau for hundreds of steps while the
+    others fall)."""
 
     def __init__(self, run: Path, name: str, resume_step: int = 0):
         self.dir = run / "logs"
@@ -237,51 +247,92 @@ class StageLog:
         self.rows: list[list] = []
         if resume_step and self.path.is_file():   # keep the rows written before the kill, drop any beyond
             with open(self.path) as f:
-                self.rows = [[int(r[0]), float(r[1]), float(r[2]), float(r[3])] for r in list(csv.reader(f))[1:]
-                             if int(r[0]) < resume_step]
+                self.rows = [[int(r[0]), float(r[1]), float(r[2]), float(r[3]), r[4] if len(r) > 4 else ""]
+                             for r in list(csv.reader(f))[1:] if int(r[0]) < resume_step]
         self._write()
 
-    def add(self, step: int, loss: float, lr: float) -> None:
-        self.rows.append([step, loss, lr, round(time.time() - self.t0, 3)])
+    def add(self, step: int, loss: float, lr: float, task: str = "") -> None:
+        self.rows.append([step, loss, lr, round(time.time() - self.t0, 3), task])
         if len(self.rows) % 20 == 0:
             self._write()
 
     def _write(self) -> None:
         if dist_info()[0] != 0:
             return
-        lines = ["step,loss,lr,seconds"] + [f"{s},{l:.6f},{lr:.3g},{t}" for s, l, lr, t in self.rows]
+        lines = ["step,loss,lr,seconds,task"] + [f"{s},{l:.6f},{lr:.3g},{t},{k}" for s, l, lr, t, k in self.rows]
         atomic_write_bytes(self.path, ("\n".join(lines) + "\n").encode())
+
+    def by_task(self) -> dict[str, list[tuple[int, float]]]:
+        """{task: [(step, loss), ...]} in step order; empty when the steps carry no task."""
+        out: dict[str, list[tuple[int, float]]] = {}
+        for step, loss, _, _, task in self.rows:
+            if task:
+                out.setdefault(task, []).append((step, loss))
+        return out
 
     def finish(self, extra: dict | None = None) -> dict:
         self._write()
         losses = [r[1] for r in self.rows]
+        tasks = self.by_task()
         summary = {"stage": self.name, "steps": len(self.rows), "first_loss": losses[0] if losses else None,
                    "last_loss": losses[-1] if losses else None,
                    "final_loss_mean_of_last_20": sum(losses[-20:]) / max(1, len(losses[-20:])),
                    "seconds": round(time.time() - self.t0, 1), **(extra or {})}
+        if tasks:   # each task's own last 20 steps
+            summary["final_loss_by_task"] = {k: sum(loss for _, loss in v[-20:]) / len(v[-20:])
+                                             for k, v in sorted(tasks.items())}
         if dist_info()[0] == 0:
             atomic_write_bytes(self.dir / f"{self.name}.json", json.dumps(summary, indent=2).encode())
-            atomic_write_bytes(self.dir / f"{self.name}.svg", loss_svg(losses, self.name).encode())
+            svg = task_loss_svg(tasks, self.name) if tasks else loss_svg(losses, self.name)
+            atomic_write_bytes(self.dir / f"{self.name}.svg", svg.encode())
         return summary
+
+
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 
 
 def loss_svg(losses: list[float], title: str, w: int = 480, h: int = 240) -> str:
     """A small line plot of the loss (log scale when it spans more than a decade) as SVG text."""
+    return plot_svg({"": (list(range(len(losses))), losses)}, f"{title} loss", w, h)
+
+
+def task_loss_svg(tasks: dict[str, list[tuple[int, float]]], title: str, smooth: int = 25, w: int = 640,
+                  h: int = 320) -> str:
+    """One curve per task: the mean of the task's last `smooth` steps (a batch's loss is noisy), against the step."""
+    series = {}
+    for task, pts in sorted(tasks.items()):
+        steps, losses = [p[0] for p in pts], [p[1] for p in pts]
+        means = [sum(losses[max(0, i - smooth + 1): i + 1]) / len(losses[max(0, i - smooth + 1): i + 1])
+                 for i in range(len(losses))]
+        series[task] = (steps, means)
+    return plot_svg(series, f"{title} loss by task (mean of its last {smooth} steps)", w, h)
+
+
+def plot_svg(series: dict[str, tuple[list[int], list[float]]], title: str, w: int, h: int) -> str:
+    """Lines {label: (xs, ys)} on shared axes as SVG text; y on a log scale when it spans more than a decade; a
+    legend when there is more than one line."""
     pad = 36
-    if not losses:
+    ys_all = [y for _, ys in series.values() for y in ys]
+    if not ys_all:
         return f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}"><text x="10" y="20">{title}: no steps</text></svg>'
-    log = min(losses) > 0 and max(losses) / min(losses) > 10
-    ys = [math.log10(v) for v in losses] if log else list(losses)
-    lo, hi = min(ys), max(ys)
+    log = min(ys_all) > 0 and max(ys_all) / min(ys_all) > 10
+    tr = (lambda v: math.log10(v)) if log else (lambda v: v)
+    lo, hi = min(map(tr, ys_all)), max(map(tr, ys_all))
     hi = hi if hi > lo else lo + 1
-    pts = " ".join(f"{pad + (w - 2 * pad) * i / max(1, len(ys) - 1):.1f},"
-                   f"{h - pad - (h - 2 * pad) * (y - lo) / (hi - lo):.1f}" for i, y in enumerate(ys))
+    x_hi = max(max(xs) for xs, _ in series.values() if xs) or 1
     fmt = (lambda v: f"{10 ** v:.3g}") if log else (lambda v: f"{v:.3g}")
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">'
-            f'<rect width="100%" height="100%" fill="white"/>'
-            f'<text x="{pad}" y="16" font-size="13">{title} loss{" (log scale)" if log else ""}</text>'
-            f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#888"/>'
-            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#888"/>'
-            f'<text x="2" y="{pad + 4}">{fmt(hi)}</text><text x="2" y="{h - pad}">{fmt(lo)}</text>'
-            f'<text x="{w - pad - 40}" y="{h - pad + 16}">step {len(ys) - 1}</text>'
-            f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{pts}"/></svg>')
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{pad}" y="16" font-size="13">{title}{" (log scale)" if log else ""}</text>',
+           f'<line x1="{pad}" y1="{h - pad}" x2="{w - pad}" y2="{h - pad}" stroke="#888"/>',
+           f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{h - pad}" stroke="#888"/>',
+           f'<text x="2" y="{pad + 4}">{fmt(hi)}</text><text x="2" y="{h - pad}">{fmt(lo)}</text>',
+           f'<text x="{w - pad - 40}" y="{h - pad + 16}">step {x_hi}</text>']
+    for n, (label, (xs, ys)) in enumerate(series.items()):
+        colour = PALETTE[n % len(PALETTE)]
+        pts = " ".join(f"{pad + (w - 2 * pad) * x / x_hi:.1f},{h - pad - (h - 2 * pad) * (tr(y) - lo) / (hi - lo):.1f}"
+                       for x, y in zip(xs, ys))
+        out.append(f'<polyline fill="none" stroke="{colour}" stroke-width="1.5" points="{pts}"/>')
+        if len(series) > 1:
+            out.append(f'<text x="{w - pad - 110}" y="{pad + 12 * n}" fill="{colour}">{label}</text>')
+    return "".join(out) + "</svg>"

@@ -40,6 +40,16 @@ def test_quick_run_makes_every_artifact(quick_run):
         assert (quick_run / "logs" / f"{stage}.svg").read_text().startswith("<svg")
         assert json.loads((quick_run / "logs" / f"{stage}.json").read_text())["steps"] == len(losses)
     assert _losses(quick_run, "2_multimodal")[-1] < _losses(quick_run, "2_multimodal")[0]   # it learns
+    # stage 2's batches hold one task each: the log names it, the summary and the plot follow each task
+    with open(quick_run / "logs" / "2_multimodal.csv") as f:
+        tasks = [r["task"] for r in csv.DictReader(f)]
+    from nano_omni.data import TASKS
+    assert tasks and set(tasks) <= set(TASKS) and len(set(tasks)) > 1
+    summary = json.loads((quick_run / "logs" / "2_multimodal.json").read_text())
+    assert sorted(summary["final_loss_by_task"]) == sorted(set(tasks))
+    assert (quick_run / "logs" / "2_multimodal.svg").read_text().count("<polyline") == len(set(tasks))
+    with open(quick_run / "logs" / "3_long.csv") as f:          # mixed conversations: no task
+        assert {r["task"] for r in csv.DictReader(f)} == {""}
     model, tok = load_model(ck, dtype=torch.float32)
     assert sorted(model.voices) == sorted(train_tiny.SPEAKERS)
     assert not (ck / "state").exists() or not any((ck / "state").iterdir())          # no unfinished stage left
@@ -255,7 +265,7 @@ def test_sample_bad_input(quick_run, tmp_path):
 def test_task_batches_take_turns():
     """--train.task_batches: every batch is one task's, each round serves every task once, and each task's items
     come epoch by epoch (none repeats before all have been used)."""
-    from nano_omni.training import task_step_indices
+    from nano_omni.training import step_group, task_step_indices
 
     groups = [list(range(0, 10)), list(range(10, 13)), list(range(13, 40))]
     seen = {g: [] for g in range(3)}
@@ -266,6 +276,7 @@ def test_task_batches_take_turns():
             assert b == task_step_indices(groups, 3, rnd * 3 + k, seed=5) and len(b) == 3
             g = [i for i, grp in enumerate(groups) if b[0] in grp][0]
             assert all(i in groups[g] for i in b) and g not in served
+            assert step_group(3, rnd * 3 + k, seed=5) == g                 # what the log names as the step's task
             served.add(g)
             seen[g] += b
     assert sorted(seen[0][:9]) == sorted(set(seen[0][:9]))               # 3 batches of 3 from 10 items: no repeats
