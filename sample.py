@@ -114,7 +114,7 @@ def main(argv=None):
     if tok is None:
         raise SystemExit(f"{ck} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     cfg = model.cfg
-    tiny = cfg.thinker.vocab_size < 1024                          # our byte-level models: no system prompt
+    tiny = cfg.thinker.vocab_size < 1024                          # our toy models: no system prompt
     system = None if tiny else (SPEECH_SYSTEM if speaking else DEFAULT_SYSTEM)
     if speaking:
         if not getattr(model, "voices", None):

@@ -241,6 +241,28 @@ class QwenBPE:
             return cls.from_files(d / "vocab.json", d / "merges.txt", extra)
         raise FileNotFoundError(f"{d} holds neither tokenizer.json nor vocab.json + merges.txt")
 
+    @classmethod
+    def learn(cls, texts, special: dict[str, int], vocab_size: int, first_id: int = 256) -> "QwenBPE":
+        """A byte-level BPE learnt on `texts` (`learn_merges`): bytes keep ids 0-255 (as in `ByteTokenizer`), the
+        special tokens keep their ids, and each merge takes the next free id from `first_id` on, as many as fit
+        below `vocab_size`. The tiny models use it on the toy corpus, so that a word is one token, as "seven"
+        is in Qwen's vocabulary."""
+        taken = set(special.values())
+        free = [i for i in range(max(first_id, 256), vocab_size) if i not in taken]
+        merges = learn_merges(texts, len(free))
+        vocab = {c: b for b, c in BYTE_TO_CHAR.items()}
+        vocab.update({a + b: i for (a, b), i in zip(merges, free)})
+        return cls(vocab, merges, [AddedToken(c, i) for c, i in special.items()], source="the learnt vocabulary")
+
+    def files(self) -> dict[str, bytes]:
+        """vocab.json, merges.txt and tokenizer_config.json (the special tokens), as `from_dir` reads them."""
+        merges = sorted(self.ranks, key=self.ranks.get)
+        added = {str(t.id): {"content": t.content, "special": t.special, "lstrip": t.lstrip, "rstrip": t.rstrip,
+                             "normalized": t.normalized} for t in sorted(self.added.values(), key=lambda t: t.id)}
+        return {"vocab.json": json.dumps(self.vocab, ensure_ascii=False, indent=0).encode(),
+                "merges.txt": ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges)).encode(),
+                "tokenizer_config.json": json.dumps({"added_tokens_decoder": added}, indent=1).encode()}
+
     # ---- encode ----------------------------------------------------------------------------------------------
     def _normalize(self, text: str) -> str:
         return unicodedata.normalize("NFC", text) if self.nfc else text
@@ -326,7 +348,8 @@ class QwenBPE:
         return ids
 
     # ---- decode ----------------------------------------------------------------------------------------------
-    def _token_bytes(self, i: int) -> bytes:
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token `i` stands for."""
         if i not in self._bytes:
             s = self.id_to_token[i]
             # A string made of byte symbols is those bytes; any other (an added token such as "<|音频|>") is its
@@ -343,7 +366,7 @@ class QwenBPE:
             if i not in self.id_to_token:
                 raise ValueError(f"token id {i} is not in the vocabulary (size {self.vocab_size})")
             if not (skip_special and i in special_ids):
-                out += self._token_bytes(i)
+                out += self.token_bytes(i)
         return out.decode("utf-8", errors="replace")
 
     def chat(self, messages: list[dict], **kw) -> list[int]:
@@ -357,6 +380,42 @@ class QwenBPE:
         if content in self.vocab:
             return self.vocab[content]
         raise KeyError(f"{content!r} is neither an added token nor in the vocabulary")
+
+
+def learn_merges(texts, max_merges: int, min_count: int = 2) -> list[tuple[str, str]]:
+    """BPE training, the plain way: split each text into words (`pretokenize`), write each word as byte symbols,
+    then repeatedly merge the adjacent pair that occurs most often in the corpus (ties: the smallest pair, so
+    the result is deterministic), until `max_merges` or no pair occurs `min_count` times.
+
+    >>> learn_merges(["low lower lowest"], 4)       # Ġ is the byte symbol of a space
+    [('l', 'o'), ('lo', 'w'), ('low', 'e'), ('Ġ', 'lowe')]
+    """
+    counts: dict[str, int] = {}
+    for text in texts:
+        for word in pretokenize(text):
+            w = word.encode("utf-8").decode("latin-1").translate(_LATIN1_TO_CHAR)
+            counts[w] = counts.get(w, 0) + 1
+    words = [(list(w), n) for w, n in counts.items()]
+    merges: list[tuple[str, str]] = []
+    while len(merges) < max_merges:
+        pairs: dict[tuple[str, str], int] = {}
+        for sym, n in words:
+            for p in zip(sym, sym[1:]):
+                pairs[p] = pairs.get(p, 0) + n
+        if not pairs:
+            break
+        best = min(pairs, key=lambda p: (-pairs[p], p))
+        if pairs[best] < min_count:
+            break
+        merges.append(best)
+        a, b = best
+        for sym, _ in words:
+            i = 0
+            while i < len(sym) - 1:
+                if sym[i] == a and sym[i + 1] == b:
+                    sym[i: i + 2] = [a + b]
+                i += 1
+    return merges
 
 
 def _matcher(contents: list[str]):

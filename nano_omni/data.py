@@ -327,18 +327,26 @@ def spec_augment(feats: torch.Tensor, lengths: torch.Tensor, gens: list[torch.Ge
     return out
 
 
-def load_speech(split: str | None = None, root: str | Path = ROOT, sample_rate: int = 24000, speakers=None) -> list[dict]:
-    """Utterances from speech.jsonl: dicts with speaker, transcript, split and 'wav' ((n,) at `sample_rate`)."""
-    root = Path(root)
+def _speech_manifest(root: Path) -> list[tuple[str, dict]]:
+    """speech.jsonl's rows, checked, each with where it is (for error messages)."""
     path = root / "speech.jsonl"
-    rows = _read_jsonl(path)
     out = []
-    for i, r in enumerate(rows, 1):
+    for i, r in enumerate(_read_jsonl(path), 1):
         where = f"{path}, line {i} ({r.get('id', '?')})"
         for field in ("speaker", "transcript", "audio", "split"):
             if field not in r:
                 raise ValueError(f"{where}: missing field {field!r}")
         _check_text(where, "transcript", r["transcript"])
+        out.append((where, r))
+    return out
+
+
+def load_speech(split: str | None = None, root: str | Path = ROOT, sample_rate: int = 24000, speakers=None) -> list[dict]:
+    """Utterances from speech.jsonl: dicts with speaker, transcript, split and 'wav' ((n,) at `sample_rate`)."""
+    root = Path(root)
+    path = root / "speech.jsonl"
+    out = []
+    for where, r in _speech_manifest(root):
         if (split is None or r["split"] == split) and (speakers is None or r["speaker"] in speakers):
             try:
                 wav = load_audio(root / r["audio"], target_rate=sample_rate)
@@ -348,3 +356,25 @@ def load_speech(split: str | None = None, root: str | Path = ROOT, sample_rate: 
     if not out:
         raise ValueError(f"{path}: no utterances for split={split!r}, speakers={speakers!r}")
     return out
+
+
+def toy_corpus(root: str | Path = ROOT) -> list[str]:
+    """Every turn of the training split as ChatML writes it between <|im_start|> and <|im_end|> (the role, a
+    newline, the text): questions, answers, transcripts, and the speaking prompts made of them ("say: ...",
+    stage 4). The tiny models' tokenizer is learnt on it (`toy_tokenizer`)."""
+    root = Path(root)
+    texts = [t for ex in load_examples("train", root) for t in (f"user\n{ex['question']}", f"assistant\n{ex['answer']}")]
+    for _, r in _speech_manifest(root):
+        if r["split"] == "train":
+            texts += [f"user\nsay: {r['transcript']}", f"assistant\n{r['transcript']}"]
+    return texts
+
+
+def toy_tokenizer(tokens, first_id: int, max_vocab: int, root: str | Path = ROOT):
+    """A byte-level BPE learnt on the toy corpus (`QwenBPE.learn`): Qwen's special tokens at `tokens`' ids, the
+    merges from `first_id` on, at most `max_vocab` ids in all. Every word of the toy world becomes one token,
+    as most English words are one token in Qwen's real vocabulary; bytes stay, so any text still encodes."""
+    from .bpe import QwenBPE
+    from .tokenizer import special_ids
+
+    return QwenBPE.learn(toy_corpus(root), special_ids(tokens), max_vocab, first_id)

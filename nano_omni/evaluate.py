@@ -66,9 +66,7 @@ def dtw_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _clean(tok, ids) -> str:
-    tk = tok.tokens
-    keep = [int(i) for i in ids if int(i) not in (tk.pad, tk.im_end)]
-    return tok.decode(keep, skip_special=True).strip()
+    return tok.decode(ids, skip_special=True).strip()      # pad and <|im_end|> are special tokens
 
 
 @torch.no_grad()

@@ -1,8 +1,10 @@
 """Tokenizers and the ChatML template.
 
-`ByteTokenizer` serves the tiny models: every UTF-8 byte is a token (ids 0-255) and Qwen's special tokens follow
-(ids from `config.tiny_tokens()`), so any text round-trips and the special tokens behave as in the real model.
-The official models use Qwen's byte-level BPE (see `bpe.py`); both share `chat_template` below.
+`ByteTokenizer` serves the tiny preset with random weights (tests, notebooks 01-08): every UTF-8 byte is a token
+(ids 0-255) and Qwen's special tokens follow (ids from `config.tiny_tokens()`), so any text round-trips and the
+special tokens behave as in the real model. The official models use Qwen's byte-level BPE (`bpe.py`); the trained
+tiny models use the same BPE code with merges learnt on the toy texts (`data.toy_tokenizer`: a word is one token).
+All share `chat_template` below.
 
 ChatML (reference 1.7):
     <|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n...<|im_end|>\n<|im_start|>assistant\n
@@ -66,13 +68,18 @@ def chat_template(messages: list[dict], *, system: str | None = DEFAULT_SYSTEM, 
     return "".join(parts)
 
 
+def special_ids(tokens: SpecialTokens) -> dict[str, int]:
+    """Each special token's text -> its id in `tokens`."""
+    return {SPECIAL_TEXT[name]: getattr(tokens, name) for name in SPECIAL_TEXT}
+
+
 class ByteTokenizer:
     """UTF-8 bytes plus special tokens. `extra` adds named specials (e.g. speaker tokens) at given ids."""
 
     def __init__(self, tokens: SpecialTokens, vocab_size: int, extra: dict[str, int] | None = None):
         self.tokens = tokens
         self.vocab_size = vocab_size
-        self.special = {SPECIAL_TEXT[name]: getattr(tokens, name) for name in SPECIAL_TEXT}
+        self.special = special_ids(tokens)
         self.special.update(extra or {})
         for text, i in self.special.items():
             if not (256 <= i < vocab_size):
@@ -117,3 +124,7 @@ class ByteTokenizer:
     def chat(self, messages: list[dict], **kw) -> list[int]:
         """ChatML ids for a conversation (see chat_template)."""
         return self.encode(chat_template(messages, **kw))
+
+    def files(self) -> dict[str, bytes]:
+        """The files that describe it in a checkpoint: none (its special ids are the config's)."""
+        return {}

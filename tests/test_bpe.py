@@ -269,3 +269,39 @@ def test_bad_calls(toks, tmp_path):
         ours.encode("a\ud800b")
     with pytest.raises(FileNotFoundError, match="neither tokenizer.json nor vocab.json"):
         QwenBPE.from_dir(tmp_path)
+
+
+def test_learnt_bpe_writes_files_the_library_reads(tmp_path):
+    """QwenBPE.learn: bytes keep their ids, specials keep theirs, merges fill the free ids; the files it writes
+    load in the `tokenizers` library and in ours with the same ids."""
+    special = {s: 256 + i for i, s in enumerate(sorted(set(SPECIAL_TEXT.values())))}
+    first = 256 + len(special) + 4                       # four ids left free (the tiny models' voice tokens)
+    ours = QwenBPE.learn(_corpus(400), special, vocab_size=700, first_id=first)
+    assert all(ours.vocab[c] == b for b, c in bytes_to_unicode().items())
+    assert all(ours.token_id(s) == i for s, i in special.items())
+    merged = sorted(i for s, i in ours.vocab.items() if len(s) > 1)
+    assert merged == list(range(first, 700)) and ours.vocab_size == 700          # the corpus fills the budget
+    for name, data in ours.files().items():
+        (tmp_path / name).write_bytes(data)
+    lib = Tokenizer(models.BPE.from_file(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt")))
+    lib.normalizer = normalizers.NFC()
+    lib.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    again = QwenBPE.from_dir(tmp_path)
+    for text in _corpus(200, seed=1):
+        ids = ours.encode(text)
+        assert ids == lib.encode(text).ids == again.encode(text)
+        assert ours.decode(ids) == unicodedata.normalize("NFC", text)
+    chat = chat_template([{"role": "user", "content": [{"type": "audio"}, "what is said?"]}])
+    assert again.encode(chat) == ours.encode(chat) and ours.encode(chat)[:1] == [special["<|im_start|>"]]
+
+
+def test_learn_merges_most_frequent_pair_first():
+    from nano_omni.bpe import learn_merges
+    # "aaab", "Ġaab", "Ġab": (a, a) and (a, b) both occur 3 times, the smaller pair wins; then (a, b) twice;
+    # then no pair is left twice
+    assert learn_merges(["aaab aab ab"], 10) == [("a", "a"), ("a", "b")]
+    assert learn_merges(["abc abd"], 10, min_count=1) == [("a", "b"), ("ab", "c"), ("ab", "d"), ("Ġ", "abd")]
+    assert learn_merges(["abc abd"], 2, min_count=1) == [("a", "b"), ("ab", "c")]
+    assert learn_merges(["abc"], 0) == [] and learn_merges([], 5) == []

@@ -226,3 +226,21 @@ def test_spliced_speech_says_new_word_sequences():
     for i in idx:
         answer = tok.decode(x.input_ids[i][labels[i] != -100]).removesuffix("<|im_end|>")
         assert answer == (d.fresh("asr", 3 * 1_000_003 + i)["answer"] if (3 + i) % 2 else slt[i]["answer"])
+
+
+def test_toy_tokenizer_makes_every_word_one_token():
+    """The tiny models' BPE, learnt on the training texts: every word of the toy world is one token (as it stands
+    in the texts: " seven" inside a sentence, "seven" at its start), specials and bytes keep their ids, any text
+    still round-trips."""
+    from nano_omni.bpe import pretokenize
+    from nano_omni.data import toy_corpus, toy_tokenizer
+    tok = toy_tokenizer(CFG.tokens, CFG.tokens.max_id + 5, 1024)
+    words = {w for t in toy_corpus() for w in pretokenize(t)}
+    assert len(words) > 100
+    for w in words:
+        assert len(tok.encode(w)) == 1, w
+    text = "<|im_start|>user\nhow many times is red in: red blue red?<|im_end|>"
+    ids = tok.encode(text)
+    assert ids[0] == CFG.tokens.im_start and ids[-1] == CFG.tokens.im_end and len(ids) == 15
+    assert tok.decode(ids) == text and tok.decode(tok.encode("Zürich 42!")) == "Zürich 42!"
+    assert min(i for s, i in tok.vocab.items() if len(s) > 1) == CFG.tokens.max_id + 5 and tok.vocab_size <= 1024

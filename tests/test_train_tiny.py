@@ -52,6 +52,9 @@ def test_quick_run_makes_every_artifact(quick_run):
         assert {r["task"] for r in csv.DictReader(f)} == {""}
     model, tok = load_model(ck, dtype=torch.float32)
     assert sorted(model.voices) == sorted(train_tiny.SPEAKERS)
+    # the run's tokenizer travels with its weights: the BPE learnt on the toy texts, one row per id
+    assert type(tok).__name__ == "QwenBPE" and tok.vocab_size == model.cfg.thinker.vocab_size
+    assert len(tok.encode(" seven")) == 1 and tok.decode(tok.encode("copy: red star")) == "copy: red star"
     assert not (ck / "state").exists() or not any((ck / "state").iterdir())          # no unfinished stage left
 
 
@@ -114,6 +117,20 @@ def test_bad_runs_are_refused_with_a_reason(quick_run, tmp_path):
         train_tiny.main(QUICK + ["--out", str(quick_run), "--resume", "--thinker.n_layer=2"])
     with pytest.raises(SystemExit, match="run stages 6 and 7 first"):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "y"), "--stage", "5"])
+    with pytest.raises(SystemExit, match="--train.tokenizer must be 'bpe' or 'bytes', got 'words'"):
+        train_tiny.main(QUICK + ["--out", str(tmp_path / "z"), "--train.tokenizer=words"])
+
+
+def test_byte_tokenizer_run(tmp_path):
+    """--train.tokenizer=bytes: one token per byte, the tiny preset's vocabulary, no tokenizer files; a resumed
+    run keeps it."""
+    out = tmp_path / "bytes"
+    train_tiny.main(QUICK + ["--out", str(out), "--stage", "2", "--train.tokenizer=bytes"])
+    model, tok = load_model(out / "checkpoint", dtype=torch.float32)
+    assert type(tok).__name__ == "ByteTokenizer" and model.cfg.thinker.vocab_size == 320
+    assert not (out / "checkpoint" / "vocab.json").exists() and len(tok.encode(" seven")) == 6
+    train_tiny.main(QUICK + ["--out", str(out), "--stage", "3"])           # the default (bpe) does not replace it
+    assert load_model(out / "checkpoint", dtype=torch.float32)[0].cfg.thinker.vocab_size == 320
 
 
 def test_truncated_checkpoint_is_named(quick_run, tmp_path):
@@ -247,9 +264,10 @@ def test_sample_speaks_text_and_answers(quick_run, tmp_path):
     streamed, _ = sf.read(out3)
     assert len(streamed) == len(wav)                                  # same codes: same length
     assert abs(streamed - wav).max() < 0.05                           # only the DiT's seam error differs
+    # a spoken answer, streamed: by the shipped model (a few steps of training may answer with <|im_end|> alone)
     out2 = tmp_path / "answer.wav"
-    res = _sample("--checkpoint", ck, "--audio", str(REPO / "tiny_data/speech/slt-0001.flac"), "--stream",
-                  "--max-new-tokens", "6", "--out", str(out2))
+    res = _sample("--audio", str(REPO / "tiny_data/speech/slt-0001.flac"), "--stream", "--max-new-tokens", "6",
+                  "--out", str(out2))
     assert "first audio after" in res.stdout and out2.is_file() and not out2.with_name("answer.wav.part").exists()
 
 
