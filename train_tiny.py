@@ -128,15 +128,18 @@ def model_config(preset: str) -> OmniConfig:
 
 def run_tokenizer(out: Path, cfg: OmniConfig, kind: str):
     """The run's tokenizer: the one its checkpoint holds (BPE files, or none: bytes), else a new one of `kind`.
-    "bpe" is learnt on the toy corpus, its merges on the ids after the voices' tokens (README: words against bytes)."""
+    "bpe" is learnt on the toy corpus, its merges on the ids after the voices' tokens (README: words against bytes).
+    The voices' tokens (which start the Talker's codec track) are special tokens of either, so that every id the
+    Thinker can write decodes."""
     if kind not in ("bpe", "bytes"):
         raise SystemExit(f"--train.tokenizer must be 'bpe' or 'bytes', got {kind!r}")
     ck = checkpoint_dir(out)
     if (ck / "vocab.json").is_file():
         return QwenBPE.from_dir(ck)
+    voices = {f"<|voice_{s}|>": i for s, i in speaker_ids(cfg).items()}     # every id the model has is a token
     if kind == "bytes" or (ck / "model.safetensors").is_file():
-        return ByteTokenizer(cfg.tokens, cfg.thinker.vocab_size)
-    return toy_tokenizer(cfg.tokens, max(speaker_ids(cfg).values()) + 1, max(cfg.thinker.vocab_size, 1024))
+        return ByteTokenizer(cfg.tokens, cfg.thinker.vocab_size, extra=voices)
+    return toy_tokenizer(cfg.tokens, max(cfg.thinker.vocab_size, 1024), extra=voices)
 
 
 def fresh_model(cfg: OmniConfig, seed: int, tok) -> Omni:

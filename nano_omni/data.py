@@ -370,11 +370,13 @@ def toy_corpus(root: str | Path = ROOT) -> list[str]:
     return texts
 
 
-def toy_tokenizer(tokens, first_id: int, max_vocab: int, root: str | Path = ROOT):
-    """A byte-level BPE learnt on the toy corpus (`QwenBPE.learn`): Qwen's special tokens at `tokens`' ids, the
-    merges from `first_id` on, at most `max_vocab` ids in all. Every word of the toy world becomes one token,
-    as most English words are one token in Qwen's real vocabulary; bytes stay, so any text still encodes."""
+def toy_tokenizer(tokens, max_vocab: int, extra: dict[str, int] | None = None, root: str | Path = ROOT):
+    """A byte-level BPE learnt on the toy corpus (`QwenBPE.learn`): Qwen's special tokens at `tokens`' ids and the
+    `extra` ones (e.g. the voices' tokens) at theirs, the merges on the ids after them, at most `max_vocab` ids in
+    all. Every word of the toy world becomes one token, as most English words are one token in Qwen's real
+    vocabulary; bytes stay, so any text still encodes."""
     from .bpe import QwenBPE
     from .tokenizer import special_ids
 
-    return QwenBPE.learn(toy_corpus(root), special_ids(tokens), max_vocab, first_id)
+    special = {**special_ids(tokens), **(extra or {})}
+    return QwenBPE.learn(toy_corpus(root), special, max_vocab, max(special.values()) + 1)

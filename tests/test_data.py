@@ -234,7 +234,7 @@ def test_toy_tokenizer_makes_every_word_one_token():
     still round-trips."""
     from nano_omni.bpe import pretokenize
     from nano_omni.data import toy_corpus, toy_tokenizer
-    tok = toy_tokenizer(CFG.tokens, CFG.tokens.max_id + 5, 1024)
+    tok = toy_tokenizer(CFG.tokens, 1024, extra={f"<|voice_{i}|>": CFG.tokens.max_id + 1 + i for i in range(4)})
     words = {w for t in toy_corpus() for w in pretokenize(t)}
     assert len(words) > 100
     for w in words:
@@ -244,3 +244,5 @@ def test_toy_tokenizer_makes_every_word_one_token():
     assert ids[0] == CFG.tokens.im_start and ids[-1] == CFG.tokens.im_end and len(ids) == 15
     assert tok.decode(ids) == text and tok.decode(tok.encode("Zürich 42!")) == "Zürich 42!"
     assert min(i for s, i in tok.vocab.items() if len(s) > 1) == CFG.tokens.max_id + 5 and tok.vocab_size <= 1024
+    assert tok.encode("<|voice_3|>") == [CFG.tokens.max_id + 4]           # the extra specials keep their ids
+    assert tok.decode(range(tok.vocab_size), skip_special=True)          # every id decodes
