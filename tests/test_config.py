@@ -142,3 +142,18 @@ def test_transformers_config_dict_is_read():
 def test_other_model_families_are_refused():
     with pytest.raises(ValueError, match="model_type 'llama'"):
         OmniConfig.from_hf_config({"model_type": "llama"})
+
+
+def test_atomic_write_replaces_whole_and_keeps_the_usual_mode(tmp_path):
+    """atomic_write_bytes: the new content replaces the old at once, no temporary file is left, and the file gets
+    the permissions a plain open() would give (not the temporary file's private 0600)."""
+    import os
+
+    from nano_omni.checkpoint import atomic_write_bytes
+    target = tmp_path / "sub" / "out.bin"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and [p.name for p in target.parent.iterdir()] == ["out.bin"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
