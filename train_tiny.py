@@ -152,7 +152,7 @@ def fresh_model(cfg: OmniConfig, seed: int, tok) -> Omni:
         th = model.thinker
         with torch.no_grad():
             for w in (th.model.embed_tokens.weight, th.lm_head.weight):
-                for s, i in tok.vocab.items():
+                for i in tok.vocab.values():
                     spelled = list(tok.token_bytes(i))
                     if len(spelled) > 1:
                         w[i] = w[spelled].sum(0) / len(spelled) ** 0.5
