@@ -48,8 +48,8 @@ from nano_omni.processor import Processor
 from nano_omni.tmrope import text_positions
 from nano_omni.tokenizer import ByteTokenizer, chat_template
 from nano_omni.toy import PICTURE_QUESTIONS, TEXT_QUESTIONS
-from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr,
-                                dist_info, init_distributed, load_stage_state, local_share, pick_device,
+from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr, dist_info,
+                                has_stage_state, init_distributed, load_stage_state, local_share, pick_device,
                                 save_run_checkpoint, step_generator, step_group, step_indices, task_step_indices,
                                 token_mean_loss)
 
@@ -76,8 +76,8 @@ class TrainConfig:
     s4_lr: float = 2e-3
     s5_steps: int = 40
     s5_beta: float = 0.1
-    s6_steps: int = 1400           # was 700: the held-out recordings' codes through DiT + BigVGAN were heard at 53.9 %
-                                   # WER, at 1,400 steps 39.0 % (generated speech per voice 61.6-89.5 -> 54.0-78.6 %)
+    s6_steps: int = 1000           # 700 -> 1,400 took the 256-code DiT's chain from 53.9 to 39.0 % WER; with 1,024
+                                   # codes and code_init 1,000 steps measured 27.6 % (1,400: 30.9 %), 75 s less
     s6_batch_size: int = 16
     s6_lr: float = 3e-3            # was 1e-3: the held-out recordings' own codes through DiT + BigVGAN were heard
                                    # at 96.0 % WER, at 3e-3 69.4 % (6e-3: 70.1 %)
@@ -97,6 +97,9 @@ class TrainConfig:
                                    # says (data.SpeechPieces; never a held-out transcript)
     s4_spliced: int = 0            # stage 4: spliced utterances for the Talker to speak beside the recordings (with
                                    # fresh_speech; off: 900 of them made its speech harder to hear, README)
+    code_init: bool = True         # stages 4 and 6: the Talker's and the DiT's code rows start at the codec centroids'
+                                   # principal coordinates (centroid_rows; README: the DiT did not learn 1,024 codes
+                                   # from random rows)
     tokenizer: str = "bpe"         # a new run's text tokenizer: "bpe" (Qwen's BPE, merges learnt on the toy texts:
                                    # a word is one token) or "bytes" (one token per byte); a run keeps the one it began with
     task_batches: bool = True      # stages 1-2: every batch holds one task, tasks take turns (else: mixed batches)
@@ -113,17 +116,26 @@ QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s2_steps=4
              s7_frames=16, ckpt_every=2, subset=6)
 
 
+N_CODES = 1024   # the trained tiny model's codebook (codec.py); was 256: README, "Where the speech loses its words"
+
+
 def model_config(preset: str) -> OmniConfig:
     """The preset, sized for the toy tasks: the tiny preset's Thinker and encoders are widened (Thinker 128 wide,
-    4 layers; audio encoder 128 wide, 3 layers; vision encoder 96 wide, 3 layers)."""
+    4 layers; audio encoder 128 wide, 3 layers; vision encoder 96 wide, 3 layers), its Talker too (128 wide,
+    4 layers), and its speech codebook has N_CODES codes."""
     cfg = get_config(preset)
     if preset == "tiny":
+        k = N_CODES
         cfg = cfg.replace(**{"thinker.d_model": 128, "thinker.n_layer": 4, "thinker.n_head": 4, "thinker.n_kv_head": 2,
                              "thinker.d_ff": 384, "thinker.mrope_section": [4, 6, 6],
                              "audio.d_model": 128, "audio.n_layer": 3, "audio.d_ff": 256, "audio.output_dim": 128,
                              "vision.d_model": 96, "vision.n_layer": 3, "vision.d_ff": 192,
                              "vision.fullatt_block_indexes": [2], "vision.out_dim": 128,
-                             "talker.embed_dim": 128, "name": "tiny"})
+                             "talker.embed_dim": 128, "talker.d_model": 128, "talker.n_layer": 4, "talker.d_ff": 384,
+                             "talker.head_dim": 32, "talker.mrope_section": [4, 6, 6],
+                             "talker.vocab_size": k + 8, "talker.codec_pad": k, "talker.codec_bos": k + 1,
+                             "talker.codec_eos": k + 2, "talker.codec_mask": k + 4, "dit.num_embeds": k + 1,
+                             "name": "tiny"})
     return cfg
 
 
@@ -205,12 +217,17 @@ class Run:
                 files[name] = p.read_bytes()
         save_run_checkpoint(self.dir, self.model, self.cfg.to_dict(), files, stage_state)
 
-    def loop(self, stage: int, name: str, params, steps: int, lr: float, loss_fn, module: nn.Module) -> dict:
+    def loop(self, stage: int, name: str, params, steps: int, lr: float, loss_fn, module: nn.Module,
+             begin=None) -> dict:
         """The training loop every stage shares: AdamW, warm-up + cosine, clipping, logs, resumable checkpoints.
 
         loss_fn(step, module) -> (term to backpropagate, loss value for the log).
         Under torchrun the module is wrapped in DDP, or sharded with FSDP (--fsdp: parameters, gradients and
-        optimizer state split across the processes, for presets too big for one device)."""
+        optimizer state split across the processes, for presets too big for one device).
+        begin(): called once before the first step when the stage starts from step 0 (not on a resumed stage), on
+        the part's plain weights (before DDP or FSDP wraps it)."""
+        if begin is not None and not (self.args.resume and not self.args.fsdp and has_stage_state(self.dir, name)):
+            begin()
         wrapped = module
         if self.world > 1 and self.args.fsdp:
             wrapped = shard(module)
@@ -440,6 +457,21 @@ def ensure_codec(run: Run, utterances: list[dict]) -> SpeechCodec:
     return run.codec
 
 
+@torch.no_grad()
+def centroid_rows(codec: SpeechCodec, table: torch.Tensor) -> None:
+    """Start the first K rows of a code table (K: the codec's codes) at the centroids' coordinates along their
+    principal directions, scaled to the rows' own RMS: codes that sound alike start alike (--train.code_init)."""
+    c = codec.centroids - codec.centroids.mean(0)
+    u, s, _ = torch.linalg.svd(c, full_matrices=False)
+    k, d = table.shape[0], table.shape[1]
+    n = min(codec.n_codes, k)
+    rows = torch.zeros(codec.n_codes, d)
+    m = min(d, s.shape[0])
+    rows[:, :m] = u[:, :m] * s[:m]
+    rows = rows * (table[:n].float().pow(2).mean().sqrt() / rows.pow(2).mean().sqrt().clamp(min=1e-12))
+    table[:n] = rows[:n].to(table)
+
+
 def tts_conversation(text: str) -> list[dict]:
     """How the tiny model is asked to speak a text: the user asks, the assistant repeats it (the reply is spoken)."""
     return [{"role": "user", "content": f"say: {text}"}, {"role": "assistant", "content": text}]
@@ -535,7 +567,8 @@ def stage_talker(run: Run) -> dict:
                                    reduction="sum")
         return token_mean_loss(loss_sum, int((tgt != -100).sum()))
 
-    out = run.loop(4, "talker", talker.parameters(), t.s4_steps, t.s4_lr, loss_fn, talker)
+    begin = (lambda: centroid_rows(run.codec, talker.model.embed_tokens.weight)) if t.code_init else None
+    out = run.loop(4, "talker", talker.parameters(), t.s4_steps, t.s4_lr, loss_fn, talker, begin)
     run.model.thinker.requires_grad_(True)
     return out
 
@@ -692,7 +725,9 @@ def stage_dit(run: Run) -> dict:
         n_frames = sum(lens) * d.repeats
         return token_mean_loss(loss * n_frames, n_frames)
 
-    out = run.loop(6, "dit", holder.parameters(), t.s6_steps, t.s6_lr, loss_fn, holder)
+    table = run.model.token2wav.code2wav_dit_model.text_embed.codec_embed.weight
+    begin = (lambda: centroid_rows(run.codec, table)) if t.code_init else None
+    out = run.loop(6, "dit", holder.parameters(), t.s6_steps, t.s6_lr, loss_fn, holder, begin)
     if run.rank == 0:
         ids = speaker_ids(run.cfg)
         voices = {s: Voice(ids[s], holder.xvectors.weight[i].detach().cpu()[None], refs[s][None].cpu())

@@ -178,12 +178,17 @@ def clear_stage_state(run: Path, name: str) -> None:
             p.unlink()
 
 
+def has_stage_state(run: Path, name: str) -> bool:
+    """Whether the run holds an unfinished stage `name` (its optimizer and step) to resume."""
+    return (checkpoint_dir(run) / "state" / f"{name}.json").is_file()
+
+
 def load_stage_state(run: Path, name: str, opt: torch.optim.Optimizer) -> dict | None:
     """Restore an unfinished stage's optimizer; returns its meta (with 'step'), or None if there is none."""
     from safetensors.torch import load_file
 
     d = checkpoint_dir(run) / "state"
-    if not (d / f"{name}.json").is_file():
+    if not has_stage_state(run, name):
         return None
     meta = json.loads((d / f"{name}.json").read_text())
     load_optimizer_tensors(opt, load_file(str(d / f"{name}.safetensors")), meta.pop("optimizer"))

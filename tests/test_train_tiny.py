@@ -330,3 +330,28 @@ def test_talker_learns_to_speak_spliced_utterances():
     assert starts and u["transcript"].startswith(starts[0]["transcript"])
     assert train_tiny.spliced_utterances(utts, 5, seed=3, avoid=frozenset(u["transcript"] for u in out),
                                          rate=24000)[0]["transcript"] not in {u["transcript"] for u in out}
+
+
+def test_code_rows_start_at_the_centroids_principal_coordinates():
+    """--train.code_init: rows 0..K-1 of a code table take the centroids' coordinates along their principal
+    directions, at the table's RMS; codes that sound alike start alike; the rows after K (specials) are kept."""
+    from nano_omni.codec import SpeechCodec
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 160, generator=g) * 5                      # four families of 8 nearby centroids
+    cents = (centres[:, None] + 0.1 * torch.randn(4, 8, 160, generator=g)).reshape(32, 160)
+    table = torch.randn(36, 16, generator=g)
+    before = table.clone()
+    train_tiny.centroid_rows(SpeechCodec(cents), table)
+    assert torch.equal(table[32:], before[32:])
+    torch.testing.assert_close(table[:32].pow(2).mean(), before[:32].pow(2).mean())
+    d = torch.cdist(table[:32], table[:32])
+    family = torch.arange(32) // 8
+    same = family[:, None] == family[None]
+    assert d[same].max() < d[~same].min()                                # nearby centroids, nearby rows
+    # the rows keep the centroids' geometry: their Gram matrix is the centred centroids' one, up to a scale (the
+    # four families span 3 directions after centring; the 16 kept coordinates hold all but the small noise)
+    c = cents - cents.mean(0)
+    gram, want = table[:32] @ table[:32].T, c @ c.T
+    scale = gram.diagonal().sum() / want.diagonal().sum()
+    assert float((gram - scale * want).abs().max()) < 0.02 * float((scale * want).abs().max())
