@@ -95,8 +95,8 @@ class TrainConfig:
                                    # vs 53.3 %, text_add 93.3 vs 95.0 %): within the run-to-run noise (README)
     fresh_speech: bool = True      # stage 2: every other asr item a spliced utterance, a word sequence no recording
                                    # says (data.SpeechPieces; never a held-out transcript)
-    s4_spliced: int = 0            # stage 4: spliced utterances for the Talker to speak beside the recordings (with
-                                   # fresh_speech; off: 900 of them made its speech harder to hear, README)
+    s4_spliced: int = 900          # stage 4: spliced utterances for the Talker to speak beside the recordings (with
+                                   # fresh_speech); they hurt the 2-layer Talker of the byte model, help the 4-layer one
     code_init: bool = True         # stages 4 and 6: the Talker's and the DiT's code rows start at the codec centroids'
                                    # principal coordinates (centroid_rows; README: the DiT did not learn 1,024 codes
                                    # from random rows)
@@ -535,8 +535,8 @@ def talker_batch(run: Run, items: list[dict], codes_list=None):
 def spliced_utterances(utts: list[dict], n: int, seed: int, avoid: frozenset[str], rate: int) -> list[dict]:
     """n new utterances for the Talker to speak, each recordings of one voice joined (data.SpeechPieces, at the
     codec's rate), none saying a held-out transcript: new texts to speak, since the Talker otherwise learns each
-    recorded text's codes whole. Opt-in (--train.s4_spliced): at the tiny Talker's size it made the generated speech
-    harder to hear, not easier (README, "Tried and not kept")."""
+    recorded text's codes whole (--train.s4_spliced; README: they help the 4-layer Talker, and hurt the 2-layer one
+    it had before)."""
     pieces = SpeechPieces(utts, rate=rate)                    # utts: from load_speech, their waveforms at `rate`
     rng = np.random.default_rng(seed)
     out = []
