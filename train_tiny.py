@@ -207,6 +207,7 @@ class Run:
         else:
             self.model = fresh_model(cfg, tcfg.seed, tok)
         self.model.to(self.device)
+        self.trained = set(self.progress)   # stages whose part holds trained weights (reinit() takes them out)
 
     def save(self, stage_state=None) -> None:
         files = {"progress.json": json.dumps({"done": self.progress}).encode(), **self.tok.files(),
@@ -224,9 +225,11 @@ class Run:
         loss_fn(step, module) -> (term to backpropagate, loss value for the log).
         Under torchrun the module is wrapped in DDP, or sharded with FSDP (--fsdp: parameters, gradients and
         optimizer state split across the processes, for presets too big for one device).
-        begin(): called once before the first step when the stage starts from step 0 (not on a resumed stage), on
-        the part's plain weights (before DDP or FSDP wraps it)."""
-        if begin is not None and not (self.args.resume and not self.args.fsdp and has_stage_state(self.dir, name)):
+        begin(): called once before the first step when the stage's part holds its initial weights (a new run, or
+        --reinit; not a resumed stage, nor a finished stage trained further), on the part's plain weights (before
+        DDP or FSDP wraps it)."""
+        resumed = self.args.resume and not self.args.fsdp and has_stage_state(self.dir, name)
+        if begin is not None and stage not in self.trained and not resumed:
             begin()
         wrapped = module
         if self.world > 1 and self.args.fsdp:
@@ -783,6 +786,7 @@ def reinit(run: Run, stages: list[int]) -> None:
     for name in sorted({TRAINED_BY[s][0] for s in stages}):
         parent, _, attr = name.rpartition(".")   # the fresh part itself: in a new size too (overrides checked by Run)
         setattr(run.model.get_submodule(parent) if parent else run.model, attr, fresh.get_submodule(name).to(run.device))
+    run.trained -= set(stages)
     run.model.cfg = run.cfg
     if hasattr(run.model, "token2wav"):
         run.model.token2wav.cfg = run.cfg       # Token2Wav reads the DiT's and the vocoder's sections from it

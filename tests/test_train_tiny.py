@@ -186,6 +186,28 @@ def test_one_stage_rerun_from_its_initial_weights_repeats_the_whole_run(quick_ru
         train_tiny.main(QUICK + ["--out", str(run), "--reinit"])
 
 
+def test_code_rows_start_from_the_centroids_only_on_a_fresh_part(quick_run, tmp_path, monkeypatch):
+    """--train.code_init sets the code rows of a part at its initial weights: with --reinit, but not when a finished
+    stage is trained further (--stage 6 alone), where it would throw away what the rows learnt."""
+    import shutil
+
+    calls = []
+    real = train_tiny.centroid_rows
+    monkeypatch.setattr(train_tiny, "centroid_rows",
+                        lambda codec, table: calls.append(tuple(table.shape)) or real(codec, table))
+    run = tmp_path / "further"
+    shutil.copytree(quick_run / "checkpoint", run / "checkpoint")
+    before = load_model(run / "checkpoint")[0].token2wav.code2wav_dit_model.text_embed.codec_embed.weight.clone()
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "6", "--train.s6_steps=1"])
+    assert calls == []
+    after = load_model(run / "checkpoint")[0].token2wav.code2wav_dit_model.text_embed.codec_embed.weight
+    torch.testing.assert_close(after, before, rtol=0, atol=1e-2)   # one AdamW step (lr 3e-3) on, not a reset (~1)
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "4", "--stage", "6", "--reinit"])
+    cfg = train_tiny.model_config("tiny")
+    assert sorted(calls) == sorted([(cfg.talker.vocab_size, cfg.talker.embed_dim),
+                                    (cfg.dit.num_embeds + 1, cfg.dit.emb_dim)])
+
+
 def test_one_stage_rerun_may_resize_its_part(quick_run, tmp_path):
     """--stage 4 --reinit --talker.n_layer=1 on a finished run: the Talker is rebuilt in its new size and trained
     to what a whole run in that configuration gives it (weights and losses equal); the Thinker, DiT and vocoder
