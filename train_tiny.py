@@ -239,10 +239,7 @@ class Run:
         params = [p for p in (module.parameters() if self.args.fsdp else params) if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01,
                                 foreach=False if self.args.fsdp else None)   # sharded and plain tensors mixed
-        start = 0
-        if self.args.resume and not self.args.fsdp:
-            meta = load_stage_state(self.dir, name, opt)
-            start = meta["step"] if meta else 0
+        start = load_stage_state(self.dir, name, opt)["step"] if resumed else 0
         log = StageLog(self.dir, f"{stage}_{name}", resume_step=start)
         task_of = getattr(loss_fn, "task_of", None)      # step -> its batch's task, where a batch holds one task
         bar = tqdm(range(start, steps), desc=f"stage {stage} {name}", disable=self.rank != 0, dynamic_ncols=True)
@@ -466,13 +463,12 @@ def centroid_rows(codec: SpeechCodec, table: torch.Tensor) -> None:
     principal directions, scaled to the rows' own RMS: codes that sound alike start alike (--train.code_init)."""
     c = codec.centroids - codec.centroids.mean(0)
     u, s, _ = torch.linalg.svd(c, full_matrices=False)
-    k, d = table.shape[0], table.shape[1]
-    n = min(codec.n_codes, k)
-    rows = torch.zeros(codec.n_codes, d)
-    m = min(d, s.shape[0])
+    n, d = codec.n_codes, table.shape[1]
+    m = min(d, s.shape[0])                      # a table wider than the centroids' rank: the rest stays 0
+    rows = torch.zeros(n, d)
     rows[:, :m] = u[:, :m] * s[:m]
     rows = rows * (table[:n].float().pow(2).mean().sqrt() / rows.pow(2).mean().sqrt().clamp(min=1e-12))
-    table[:n] = rows[:n].to(table)
+    table[:n] = rows.to(table)
 
 
 def tts_conversation(text: str) -> list[dict]:
