@@ -1,8 +1,10 @@
 """Train a tiny Qwen2.5-Omni on the toy data in tiny_data/, stage by stage, on a laptop CPU.
 
 The paper's recipe (sections 3 and 4), at toy scale:
-  1 encoders    the audio and vision encoders learn to talk to a frozen LLM: their projections first, then all
-  2 multimodal  everything unfrozen on every task (speech, images, video with sound, text)
+  1 encoders    the audio and vision encoders learn to talk to a frozen LLM: their projections first, then all,
+                then each alone through the LLM's output layer (pictures named, transcripts spelled: PictureReadout,
+                SpeechReadout), standing in for the pretrained encoders the real model starts from
+  2 multimodal  everything but the vision encoder unfrozen on every task (speech, images, video with sound, text)
   3 long        longer prompts: several items answered turn after turn in one conversation
   4 talker      the Talker learns codes from (Thinker hidden states + reply embeddings), speech-continuation style
   5 dpo         optional: the Talker prefers the sample the Thinker transcribes better (DPO loss written out)
@@ -35,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from nano_omni.audio_enc import AudioEncoder
 from nano_omni.bpe import QwenBPE
 from nano_omni.codec import SpeechCodec
 from nano_omni.config import OmniConfig, get_config, parse_override
@@ -47,11 +50,12 @@ from nano_omni.pretrained import load_model
 from nano_omni.processor import Processor
 from nano_omni.tmrope import text_positions
 from nano_omni.tokenizer import ByteTokenizer, chat_template
-from nano_omni.toy import PICTURE_QUESTIONS, TEXT_QUESTIONS
+from nano_omni.toy import PICTURE_ANSWERS, PICTURE_QUESTIONS, TEXT_QUESTIONS, draw_picture, picture_answer
 from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr, dist_info,
                                 has_stage_state, init_distributed, load_stage_state, local_share, pick_device,
                                 save_run_checkpoint, step_generator, step_group, step_indices, task_step_indices,
                                 token_mean_loss)
+from nano_omni.vision_io import preprocess_images
 
 STAGES = {1: "encoders", 2: "multimodal", 3: "long", 4: "talker", 5: "dpo", 6: "dit", 7: "vocoder"}
 DEFAULT_STAGES = [1, 2, 3, 4, 6, 7]
@@ -64,6 +68,13 @@ class TrainConfig:
     batch_size: int = 16           # was 32 with 3,200 stage-2 steps: the same time buys more, smaller updates
     lr: float = 2e-3
     warmup: int = 50
+    s1_vis_steps: int = 2000       # stage 1, after the paper's two parts: the vision encoder names fresh pictures
+    s1_vis_lr: float = 1e-3        # through the frozen LLM's output layer (PictureReadout)
+    s1_audio_steps: int = 1000     # stage 1, last: the audio encoder spells its transcripts through the frozen
+    s1_audio_lr: float = 1e-3      # output layer, CTC (SpeechReadout)
+    frozen_vision: bool = True     # stages 2 and 3: the vision encoder keeps the weights stage 1 gave it (trained
+                                   # on, stage 2's first steps undo what the readout taught: README, "Encoders that
+                                   # learn before they meet the LLM")
     s1_proj_steps: int = 60
     s1_enc_steps: int = 90
     s2_steps: int = 7000           # was 5,600 with byte tokens: words make a step cheaper (stage 2: 662 s for 5,600)
@@ -113,7 +124,7 @@ class TrainConfig:
     subset: int = 0                # use only this many examples per task / utterances (0: all)
 
 
-QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s2_steps=4, s3_steps=2, s4_steps=3,
+QUICK = dict(batch_size=8, warmup=2, s1_vis_steps=2, s1_audio_steps=2, s1_proj_steps=2, s1_enc_steps=2, s2_steps=4, s3_steps=2, s4_steps=3,
              s4_batch_size=4, s5_steps=2, s6_steps=3, s6_batch_size=4, s6_frames=96, s7_steps=3, s7_batch_size=2,
              s7_frames=16, ckpt_every=2, subset=6)
 
@@ -186,6 +197,7 @@ class Run:
         self.rank, self.world = dist_info()
         self.proc = Processor(cfg, self.tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
         self.progress: list[int] = []
+        self.parts: list[str] = []       # the finished parts of a stage in progress (stage 1 has several)
         self.codec: SpeechCodec | None = None
         self.stage_files = None          # a stage may add files to its checkpoints: () -> {name: bytes}
         self.fresh_xvectors = False      # --reinit of stage 6: do not take the checkpoint's x-vectors
@@ -200,7 +212,8 @@ class Run:
                                  f"N --reinit, only the parts stage N trains may change)")
             self.model, _ = load_model(ck, dtype=torch.float32)      # in the saved configuration; reinit() swaps
                                                                        # in parts of a changed size
-            self.progress = json.loads((ck / "progress.json").read_text())["done"]
+            progress = json.loads((ck / "progress.json").read_text())
+            self.progress, self.parts = progress["done"], progress.get("parts", [])
             if (ck / "codec.safetensors").is_file():
                 self.codec = SpeechCodec.load(ck / "codec.safetensors")
             if not args.resume and not args.stage:
@@ -212,7 +225,7 @@ class Run:
         self.trained = set(self.progress)   # stages whose part holds trained weights (reinit() takes them out)
 
     def save(self, stage_state=None) -> None:
-        files = {"progress.json": json.dumps({"done": self.progress}).encode(), **self.tok.files(),
+        files = {"progress.json": json.dumps({"done": self.progress, "parts": self.parts}).encode(), **self.tok.files(),
                  **(self.stage_files() if self.stage_files else {})}
         for name in ("codec.safetensors", "voices.safetensors"):
             p = self.dir / name
@@ -230,6 +243,8 @@ class Run:
         begin(): called once before the first step when the stage's part holds its initial weights (a new run, or
         --reinit; not a resumed stage, nor a finished stage trained further), on the part's plain weights (before
         DDP or FSDP wraps it)."""
+        if self.args.resume and name in self.parts:      # a part that finished before the run was killed
+            return json.loads((self.dir / "logs" / f"{stage}_{name}.json").read_text())
         resumed = self.args.resume and not self.args.fsdp and has_stage_state(self.dir, name)
         if begin is not None and stage not in self.trained and not resumed:
             begin()
@@ -271,6 +286,9 @@ class Run:
                 log.finish()
                 raise SystemExit(f"stopped after {done_here} steps of stage {stage} (--train.stop_after_steps)")
         summary = log.finish()
+        self.parts.append(name)
+        if not self.args.fsdp:
+            self.save()                                  # without the part's state: it is done
         clear_stage_state(self.dir, name)
         return summary
 
@@ -402,6 +420,87 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
     return loss_fn
 
 
+class PictureReadout(nn.Module):
+    """Stage 1's first part: the vision encoder learns to see before it meets the LLM. Qwen2.5-Omni starts from
+    Qwen2.5-VL's trained vision encoder; the tiny model's is random, and through a random frozen LLM the stage's
+    other parts teach it next to nothing (their loss stays near 5.5). Here a picture's merged tokens are averaged,
+    put through the LLM's frozen final norm and output layer, and scored against the answer words of each picture
+    question (which shape, which colour, how many): the encoder learns to say what it sees in the LLM's own
+    vocabulary, with no parameters of its own to throw away. forward -> {task: logits (n_pictures, n_answers)}."""
+
+    def __init__(self, thinker: nn.Module, tok):
+        super().__init__()
+        self.thinker = thinker
+        self.words = {task: [tok.encode(w) for w in ws] for task, ws in PICTURE_ANSWERS.items()}
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> dict[str, torch.Tensor]:
+        th = self.thinker
+        units = (grid_thw.prod(-1) // th.visual.cfg.merge_unit).tolist()
+        y = th.visual(pixel_values, grid_thw)
+        h = th.model.norm(torch.stack([u.mean(0) for u in y.split(units)]))          # (n, d)
+        w = th.lm_head.weight                                          # a word of several tokens: their mean row
+        return {task: h @ torch.stack([w[ids].mean(0) for ids in rows]).T for task, rows in self.words.items()}
+
+
+def picture_readout_loss(run: Run, batch_size: int):
+    """PictureReadout's loss: cross-entropy of the three questions, each over its answer words, summed; a new
+    batch of pictures every step, drawn by the generator of tiny_data/ (other draws from the distribution of the
+    held-out pictures, as stage 2's fresh pictures are)."""
+    def loss_fn(step: int, module):
+        idx = local_share(list(range(batch_size)))
+        pics = [draw_picture(np.random.default_rng([run.t.seed, 1, step, i])) for i in idx]
+        pv, grid = preprocess_images([im for im, _ in pics], run.cfg.vision, *IMAGE_PIXELS)
+        logits = module(pv.to(run.device), grid.to(run.device))
+        loss = sum(F.cross_entropy(logits[task].float(), torch.tensor([ws.index(picture_answer(task, m))
+                                                                      for _, m in pics], device=run.device),
+                                   reduction="sum")
+                   for task, ws in PICTURE_ANSWERS.items())
+        return token_mean_loss(loss, len(idx))
+    return loss_fn
+
+
+class SpeechReadout(nn.Module):
+    """PictureReadout's counterpart for the audio encoder (Qwen2.5-Omni starts from Whisper-large-v3's): each audio
+    token, through the LLM's frozen final norm and output layer, is scored on a blank (the pad token's row) and on
+    the tokens transcripts are written in; a CTC loss asks for the transcript's tokens in order.
+    forward -> logits (total audio tokens, 1 + len(ids)), the audios one after another."""
+
+    def __init__(self, thinker: nn.Module, ids: list[int], blank: int):
+        super().__init__()
+        self.thinker = thinker
+        self.register_buffer("rows", torch.tensor([blank, *ids]), persistent=False)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        th = self.thinker
+        return th.model.norm(th.audio_tower(features, lengths)) @ th.lm_head.weight[self.rows].T
+
+
+def speech_readout_loss(run: Run, data: ThinkerData, batch_size: int, rows: list[int]):
+    """SpeechReadout's CTC loss over the asr items of `data`, every other one a spliced utterance (as in stage 2);
+    each item's target is its answer's tokens (the labels without <|im_end|>), as indices into `rows`."""
+    index = {tok: k for k, tok in enumerate(rows)}
+
+    def loss_fn(step: int, module):
+        seed = run.t.seed * 7919 + step
+        x, labels = data.batch(local_share(step_indices(len(data), batch_size, step, run.t.seed + 1)),
+                               redraw_seed=seed, redraw=frozenset(["asr"]))
+        n_tok = [AudioEncoder.token_count(int(n)) for n in x.audio_lengths]
+        logp = module(x.audio_features.to(run.device), x.audio_lengths).float().log_softmax(-1)
+        logp = nn.utils.rnn.pad_sequence(list(logp.split(n_tok)))                    # (T, B, 1 + words)
+        targets = [[index[i] for i in row[row != -100].tolist()[:-1]] for row in labels]
+        loss = F.ctc_loss(logp, torch.tensor([i for t in targets for i in t], device=run.device), n_tok,
+                          [len(t) for t in targets], blank=0, reduction="sum", zero_infinity=True)
+        return token_mean_loss(loss, sum(len(t) for t in targets))
+    return loss_fn
+
+
+def transcript_tokens(tok, examples: list[dict]) -> list[int]:
+    """Every token a transcript of `examples` (or a splice of their words) can be written with: each word's
+    tokens with and without the space before it."""
+    words = {w for e in examples for w in e["answer"].split()}
+    return sorted({i for w in words for i in tok.encode(w) + tok.encode(" " + w)})
+
+
 def stage_thinker(run: Run, stage: int) -> dict:
     t, th = run.t, run.model.thinker
     seq = run.args.positions == "sequential"
@@ -418,9 +517,27 @@ def stage_thinker(run: Run, stage: int) -> dict:
                 m.requires_grad_(True)
             out[part] = run.loop(1, f"encoders_{part}", th.parameters(), steps, t.lr,
                                  thinker_loss(run, data, t.batch_size, seq, by_task=t.task_batches), th)
+        if t.s1_vis_steps and (not t.tasks or set(t.tasks.split(",")) & set(PICTURE_QUESTIONS)):
+            th.requires_grad_(False)
+            th.visual.requires_grad_(True)
+            readout = PictureReadout(th, run.tok)
+            out["vision"] = run.loop(1, "encoders_vision", th.visual.parameters(), t.s1_vis_steps, t.s1_vis_lr,
+                                     picture_readout_loss(run, t.batch_size), readout)
+        if t.s1_audio_steps and "asr" in {e["task"] for e in ex}:
+            th.requires_grad_(False)
+            th.audio_tower.requires_grad_(True)
+            asr = [e for e in ex if e["task"] == "asr"]
+            rows = [run.cfg.tokens.pad, *transcript_tokens(run.tok, asr)]
+            speech = ThinkerData(asr, run.proc, run.tok,
+                                 avoid=frozenset(e["answer"] for e in load_examples("test", tasks={"asr"})))
+            out["audio"] = run.loop(1, "encoders_audio", th.audio_tower.parameters(), t.s1_audio_steps,
+                                    t.s1_audio_lr, speech_readout_loss(run, speech, t.batch_size, rows),
+                                    SpeechReadout(th, rows[1:], rows[0]))
         th.requires_grad_(True)
         return out
     th.requires_grad_(True)
+    if t.frozen_vision and 1 in run.progress:        # only an encoder stage 1 has taught (not on a fresh run of
+        th.visual.requires_grad_(False)              # stage 2 alone, as the TMRoPE lesson does)
     ex = _subset(load_examples("train", tasks=set(t.tasks.split(",")) if t.tasks else None), t.subset)
     if stage == 3:   # conversations of several items, answered turn after turn
         rng = random.Random(t.seed + 3)
@@ -852,7 +969,7 @@ def main(argv=None):
               4: lambda: stage_talker(run), 5: lambda: stage_dpo(run), 6: lambda: stage_dit(run),
               7: lambda: stage_vocoder(run)}[s]
         summaries[s] = fn()
-        run.progress = sorted(set(run.progress) | {s})
+        run.progress, run.parts = sorted(set(run.progress) | {s}), []
         run.save()
     if run.rank == 0:
         print(json.dumps({"run": str(run.dir), "stages": summaries}, default=str))

@@ -24,6 +24,8 @@ IMAGE_SIZE = 84
 PICTURE_QUESTIONS = {"image_shape": "what shape is this?",
                      "image_colour": "what colour is the shape?",
                      "image_count": "how many shapes are there?"}
+PICTURE_ANSWERS = {"image_shape": SHAPES, "image_colour": tuple(COLOURS),     # what each can answer (draw_picture
+                   "image_count": NUMBERS[1:4]}                               # draws one to three shapes)
 
 
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: int, cy: int, r: int, rgb: tuple) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .attention import block_attention, block_pattern
 from .config import VisionConfig
@@ -106,8 +107,10 @@ class PatchEmbed(nn.Module):
                               bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.proj.weight.dtype).view(-1, *self.shape)           # (N, C, tp, P, P)
-        return self.proj(x).flatten(1)                                   # (N, d)
+        # (N, C*tp*P*P) @ (C*tp*P*P, d): the convolution's own arithmetic as one matmul (on CPU the Conv3d took
+        # 2.7x as long, forward and backward, for the 576 patches of 16 tiny-model pictures)
+        w = self.proj.weight
+        return F.linear(x.to(w.dtype), w.flatten(1))                     # (N, d)
 
 
 class VisionAttention(nn.Module):

@@ -34,7 +34,7 @@ def test_quick_run_makes_every_artifact(quick_run):
     for name in ("model.safetensors", "config.json", "codec.safetensors", "voices.safetensors", "progress.json"):
         assert (ck / name).is_file(), name
     assert json.loads((ck / "progress.json").read_text())["done"] == [1, 2, 3, 4, 5, 6, 7]
-    for stage in ("1_encoders_proj", "1_encoders_enc", "2_multimodal", "3_long", "4_talker", "5_dpo", "6_dit", "7_vocoder"):
+    for stage in ("1_encoders_vision", "1_encoders_audio", "1_encoders_proj", "1_encoders_enc", "2_multimodal", "3_long", "4_talker", "5_dpo", "6_dit", "7_vocoder"):
         losses = _losses(quick_run, stage)
         assert losses and all(l == l and abs(l) < 1e4 for l in losses), stage         # finite numbers
         assert (quick_run / "logs" / f"{stage}.svg").read_text().startswith("<svg")
@@ -60,23 +60,27 @@ def test_quick_run_makes_every_artifact(quick_run):
 
 def test_resume_repeats_the_losses_of_an_uninterrupted_run(tmp_path):
     common = QUICK + ["--stage", "1", "--stage", "2", "--stage", "6", "--train.s2_steps=6", "--train.s6_steps=4",
-                      "--train.ckpt_every=100"]
+                      "--train.ckpt_every=100", "--train.s1_proj_steps=1", "--train.s1_enc_steps=3"]
     a = tmp_path / "a"
     train_tiny.main(common + ["--out", str(a)])
     b = tmp_path / "b"
+    with pytest.raises(SystemExit, match="stopped after 2 steps of stage 1"):   # in stage 1's second part: the
+        train_tiny.main(common + ["--out", str(b), "--train.stop_after_steps=2"])    # first must not run again
+    assert json.loads((b / "checkpoint" / "progress.json").read_text()) == {"done": [], "parts": ["encoders_proj"]}
     with pytest.raises(SystemExit, match="stopped after 3 steps of stage 2"):
-        train_tiny.main(common + ["--out", str(b), "--train.stop_after_steps=3"])
+        train_tiny.main(common + ["--out", str(b), "--train.stop_after_steps=3", "--resume"])
     assert len(_losses(b, "2_multimodal")) == 3
     with pytest.raises(SystemExit, match="stopped after 3 steps of stage 6"):     # killed again, in the DiT
         train_tiny.main(common + ["--out", str(b), "--train.stop_after_steps=3", "--resume"])
     train_tiny.main(common + ["--out", str(b), "--resume"])
-    for stage in ("2_multimodal", "6_dit"):
+    for stage in ("1_encoders_proj", "1_encoders_enc", "1_encoders_vision", "1_encoders_audio", "2_multimodal",
+                  "6_dit"):
         torch.testing.assert_close(torch.tensor(_losses(b, stage)), torch.tensor(_losses(a, stage)), rtol=0, atol=1e-5)
 
 
-def _one_and_two_processes(tmp_path, extra: list[str], port: int) -> tuple[Path, Path]:
-    """The same short stage-2 run in one process and, under torchrun, in two (gloo on CPU)."""
-    args = QUICK + ["--stage", "2", "--train.s2_steps=4", "--train.batch_size=6"]
+def _one_and_two_processes(tmp_path, extra: list[str], port: int, stages=(2,)) -> tuple[Path, Path]:
+    """The same short run of `stages` in one process and, under torchrun, in two (gloo on CPU)."""
+    args = QUICK + [a for s in stages for a in ("--stage", str(s))] + ["--train.s2_steps=4", "--train.batch_size=6"]
     one, two = tmp_path / "one", tmp_path / "two"
     train_tiny.main(args + ["--out", str(one)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -88,9 +92,10 @@ def _one_and_two_processes(tmp_path, extra: list[str], port: int) -> tuple[Path,
 
 
 def test_two_ddp_processes_give_the_loss_of_one(tmp_path):
-    one, two = _one_and_two_processes(tmp_path, [], 29613)
-    torch.testing.assert_close(torch.tensor(_losses(two, "2_multimodal")), torch.tensor(_losses(one, "2_multimodal")),
-                               rtol=0, atol=1e-4)
+    one, two = _one_and_two_processes(tmp_path, [], 29613, stages=(1, 2))
+    for log in ("1_encoders_vision", "1_encoders_audio", "1_encoders_proj", "2_multimodal"):
+        torch.testing.assert_close(torch.tensor(_losses(two, log)), torch.tensor(_losses(one, log)), rtol=0, atol=1e-4,
+                                   msg=log)
 
 
 def test_fsdp_two_processes_give_the_loss_and_weights_of_one(tmp_path):
@@ -377,3 +382,109 @@ def test_code_rows_start_at_the_centroids_principal_coordinates():
     gram, want = table[:32] @ table[:32].T, c @ c.T
     scale = gram.diagonal().sum() / want.diagonal().sum()
     assert float((gram - scale * want).abs().max()) < 0.02 * float((scale * want).abs().max())
+
+
+def test_stage_one_reads_pictures_out_through_the_frozen_output_layer(quick_run):
+    """Stage 1's first part: a picture's merged vision tokens, averaged, through the LLM's final norm and output
+    layer, scored on each picture question's answer words; only the vision encoder learns from it."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from nano_omni.data import IMAGE_PIXELS
+    from nano_omni.toy import PICTURE_ANSWERS, draw_picture
+    from nano_omni.vision_io import preprocess_images
+
+    model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
+    th = model.thinker
+    readout = train_tiny.PictureReadout(th, tok)
+    run = SimpleNamespace(t=train_tiny.TrainConfig(), cfg=model.cfg, device=torch.device("cpu"))
+    loss_fn = train_tiny.picture_readout_loss(run, 4)
+    th.requires_grad_(False)
+    th.visual.requires_grad_(True)
+    before = {k: v.clone() for k, v in th.state_dict().items()}
+    term, value = loss_fn(0, readout)
+    assert term.shape == () and 0 < value < 20
+    term.backward()
+    torch.optim.SGD(th.visual.parameters(), lr=0.1).step()
+    after = th.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("visual.") for k in changed)
+    # the logits are the LLM's own logits of the answer words (each a single token of the learnt BPE)
+    ims = [draw_picture(np.random.default_rng(s))[0] for s in range(3)]
+    pv, grid = preprocess_images(ims, model.cfg.vision, *IMAGE_PIXELS)
+    with torch.no_grad():
+        got = readout(pv, grid)
+        y = th.visual(pv, grid).view(3, -1, model.cfg.thinker.d_model).mean(1)
+        full = th.lm_head(th.model.norm(y))
+    for task, words in PICTURE_ANSWERS.items():
+        ids = [tok.encode(w) for w in words]
+        assert all(len(i) == 1 for i in ids)
+        torch.testing.assert_close(got[task], full[:, [i[0] for i in ids]])
+
+
+def test_stage_one_spells_transcripts_through_the_frozen_output_layer(quick_run):
+    """Stage 1's audio part: every audio token through the LLM's final norm and output layer, scored on a blank
+    and the transcripts' tokens; CTC against the transcript; only the audio encoder learns from it."""
+    from types import SimpleNamespace
+
+    from nano_omni.data import IMAGE_PIXELS, VIDEO_PIXELS, ThinkerData, load_examples
+    from nano_omni.processor import Processor
+
+    model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
+    th = model.thinker
+    asr = load_examples("train", tasks={"asr"})[:12]
+    ids = train_tiny.transcript_tokens(tok, asr)
+    for e in asr:        # every transcript can be spelled, and so can its words in another order (a splice)
+        assert set(tok.encode(e["answer"])) | set(tok.encode(" ".join(e["answer"].split()[::-1]))) <= set(ids)
+    assert model.cfg.tokens.pad not in ids
+    rows = [model.cfg.tokens.pad, *ids]
+    readout = train_tiny.SpeechReadout(th, ids, model.cfg.tokens.pad)
+    data = ThinkerData(asr, Processor(model.cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS), tok)
+    x, _ = data.batch([0, 1])
+    with torch.no_grad():
+        logits = readout(x.audio_features, x.audio_lengths)
+        full = th.lm_head(th.model.norm(th.audio_tower(x.audio_features, x.audio_lengths)))
+    torch.testing.assert_close(logits, full[:, rows])
+    run = SimpleNamespace(t=train_tiny.TrainConfig(), device=torch.device("cpu"))
+    th.requires_grad_(False)
+    th.audio_tower.requires_grad_(True)
+    before = {k: v.clone() for k, v in th.state_dict().items()}
+    term, value = train_tiny.speech_readout_loss(run, data, 4, rows)(0, readout)
+    assert term.shape == () and 0 < value < 100
+    term.backward()
+    torch.optim.SGD(th.audio_tower.parameters(), lr=0.1).step()
+    changed = {k for k, v in th.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("audio_tower.") for k in changed)
+
+
+def test_stages_two_and_three_keep_the_vision_encoder_stage_one_taught(tmp_path, monkeypatch):
+    """--train.frozen_vision (default): after stage 1, stages 2 and 3 leave the vision encoder as it is and train
+    the rest; with the switch off, or on a run whose stage 1 never ran (stage 2 alone), it trains too."""
+    import shutil
+
+    def thinker(run):
+        return {k: v for k, v in load_model(run / "checkpoint")[0].thinker.state_dict().items()}
+
+    run = tmp_path / "r"
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "1"])
+    shutil.copytree(run, tmp_path / "thawed")
+    after1 = thinker(run)
+    train_tiny.main(QUICK + ["--out", str(run), "--stage", "2", "--stage", "3"])
+    after3 = thinker(run)
+    moved = {k for k in after1 if not torch.equal(after1[k], after3[k])}
+    assert moved and not any(k.startswith("visual.") for k in moved)
+    train_tiny.main(QUICK + ["--out", str(tmp_path / "thawed"), "--stage", "2", "--train.frozen_vision=false"])
+    thawed = thinker(tmp_path / "thawed")
+    assert any(not torch.equal(after1[k], thawed[k]) for k in after1 if k.startswith("visual."))
+    first = []
+    real = train_tiny.fresh_model
+
+    def spy(*args, **kw):
+        model = real(*args, **kw)
+        first.append({k: v.clone() for k, v in model.thinker.state_dict().items() if k.startswith("visual.")})
+        return model
+    monkeypatch.setattr(train_tiny, "fresh_model", spy)
+    train_tiny.main(QUICK + ["--out", str(tmp_path / "alone"), "--stage", "2"])
+    alone = thinker(tmp_path / "alone")
+    assert any(not torch.equal(first[0][k], alone[k]) for k in first[0])
