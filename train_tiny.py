@@ -239,23 +239,26 @@ class Run:
 
         loss_fn(step, module) -> (term to backpropagate, loss value for the log).
         Under torchrun the module is wrapped in DDP, or sharded with FSDP (--fsdp: parameters, gradients and
-        optimizer state split across the processes, for presets too big for one device).
+        optimizer state split across the processes, for presets too big for one device; not in stage 1, whose
+        parts train only the encoders, which FSDP keeps whole anyway). A part listed in self.parts (it finished
+        before the run was killed) is skipped on --resume.
         begin(): called once before the first step when the stage's part holds its initial weights (a new run, or
         --reinit; not a resumed stage, nor a finished stage trained further), on the part's plain weights (before
         DDP or FSDP wraps it)."""
+        fsdp = self.args.fsdp and stage != 1
         if self.args.resume and name in self.parts:      # a part that finished before the run was killed
             return json.loads((self.dir / "logs" / f"{stage}_{name}.json").read_text())
-        resumed = self.args.resume and not self.args.fsdp and has_stage_state(self.dir, name)
+        resumed = self.args.resume and not fsdp and has_stage_state(self.dir, name)
         if begin is not None and stage not in self.trained and not resumed:
             begin()
         wrapped = module
-        if self.world > 1 and self.args.fsdp:
+        if self.world > 1 and fsdp:
             wrapped = shard(module)
         elif self.world > 1:
             wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
-        params = [p for p in (module.parameters() if self.args.fsdp else params) if p.requires_grad]
+        params = [p for p in (module.parameters() if fsdp else params) if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01,
-                                foreach=False if self.args.fsdp else None)   # sharded and plain tensors mixed
+                                foreach=False if fsdp else None)   # sharded and plain tensors mixed
         start = load_stage_state(self.dir, name, opt)["step"] if resumed else 0
         log = StageLog(self.dir, f"{stage}_{name}", resume_step=start)
         task_of = getattr(loss_fn, "task_of", None)      # step -> its batch's task, where a batch holds one task
@@ -269,7 +272,7 @@ class Run:
                 term, value = loss_fn(step, wrapped)
             opt.zero_grad(set_to_none=True)
             term.backward()
-            if self.args.fsdp and self.world > 1:
+            if fsdp and self.world > 1:
                 average_replicated_grads(params)
                 clip_mixed_grad_norm_(params, 1.0)
             else:
@@ -280,14 +283,14 @@ class Run:
             done_here += 1
             last = step + 1 == steps
             killed = self.t.stop_after_steps and done_here >= self.t.stop_after_steps and not last
-            if (killed or (not last and (step + 1) % self.t.ckpt_every == 0)) and not self.args.fsdp:
+            if (killed or (not last and (step + 1) % self.t.ckpt_every == 0)) and not fsdp:
                 self.save(stage_state=(name, opt, {"step": step + 1}))
             if killed:
                 log.finish()
                 raise SystemExit(f"stopped after {done_here} steps of stage {stage} (--train.stop_after_steps)")
         summary = log.finish()
         self.parts.append(name)
-        if not self.args.fsdp:
+        if not fsdp:
             self.save()                                  # without the part's state: it is done
         clear_stage_state(self.dir, name)
         return summary
