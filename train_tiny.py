@@ -124,9 +124,9 @@ class TrainConfig:
     subset: int = 0                # use only this many examples per task / utterances (0: all)
 
 
-QUICK = dict(batch_size=8, warmup=2, s1_vis_steps=2, s1_audio_steps=2, s1_proj_steps=2, s1_enc_steps=2, s2_steps=4, s3_steps=2, s4_steps=3,
-             s4_batch_size=4, s5_steps=2, s6_steps=3, s6_batch_size=4, s6_frames=96, s7_steps=3, s7_batch_size=2,
-             s7_frames=16, ckpt_every=2, subset=6)
+QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s1_vis_steps=2, s1_audio_steps=2, s2_steps=4,
+             s3_steps=2, s4_steps=3, s4_batch_size=4, s5_steps=2, s6_steps=3, s6_batch_size=4, s6_frames=96, s7_steps=3,
+             s7_batch_size=2, s7_frames=16, ckpt_every=2, subset=6)
 
 
 N_CODES = 1024   # the trained tiny model's codebook (codec.py); was 256: README, "Where the speech loses its words"
@@ -225,8 +225,8 @@ class Run:
         self.trained = set(self.progress)   # stages whose part holds trained weights (reinit() takes them out)
 
     def save(self, stage_state=None) -> None:
-        files = {"progress.json": json.dumps({"done": self.progress, "parts": self.parts}).encode(), **self.tok.files(),
-                 **(self.stage_files() if self.stage_files else {})}
+        files = {"progress.json": json.dumps({"done": self.progress, "parts": self.parts}).encode(),
+                 **self.tok.files(), **(self.stage_files() if self.stage_files else {})}
         for name in ("codec.safetensors", "voices.safetensors"):
             p = self.dir / name
             if p.is_file():
@@ -424,9 +424,9 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
 
 
 class PictureReadout(nn.Module):
-    """Stage 1's first part: the vision encoder learns to see before it meets the LLM. Qwen2.5-Omni starts from
+    """Stage 1's third part: the vision encoder learns to see before it meets the LLM. Qwen2.5-Omni starts from
     Qwen2.5-VL's trained vision encoder; the tiny model's is random, and through a random frozen LLM the stage's
-    other parts teach it next to nothing (their loss stays near 5.5). Here a picture's merged tokens are averaged,
+    first two parts teach it next to nothing (their loss stays near 5.5). Here a picture's merged tokens are averaged,
     put through the LLM's frozen final norm and output layer, and scored against the answer words of each picture
     question (which shape, which colour, how many): the encoder learns to say what it sees in the LLM's own
     vocabulary, with no parameters of its own to throw away. forward -> {task: logits (n_pictures, n_answers)}."""

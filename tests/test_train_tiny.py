@@ -34,7 +34,8 @@ def test_quick_run_makes_every_artifact(quick_run):
     for name in ("model.safetensors", "config.json", "codec.safetensors", "voices.safetensors", "progress.json"):
         assert (ck / name).is_file(), name
     assert json.loads((ck / "progress.json").read_text())["done"] == [1, 2, 3, 4, 5, 6, 7]
-    for stage in ("1_encoders_vision", "1_encoders_audio", "1_encoders_proj", "1_encoders_enc", "2_multimodal", "3_long", "4_talker", "5_dpo", "6_dit", "7_vocoder"):
+    for stage in ("1_encoders_vision", "1_encoders_audio", "1_encoders_proj", "1_encoders_enc", "2_multimodal",
+                  "3_long", "4_talker", "5_dpo", "6_dit", "7_vocoder"):
         losses = _losses(quick_run, stage)
         assert losses and all(l == l and abs(l) < 1e4 for l in losses), stage         # finite numbers
         assert (quick_run / "logs" / f"{stage}.svg").read_text().startswith("<svg")
