@@ -290,8 +290,6 @@ class Run:
                 raise SystemExit(f"stopped after {done_here} steps of stage {stage} (--train.stop_after_steps)")
         summary = log.finish()
         self.parts.append(name)
-        if not fsdp:
-            self.save()                                  # without the part's state: it is done
         clear_stage_state(self.dir, name)
         return summary
 
@@ -497,6 +495,11 @@ def speech_readout_loss(run: Run, data: ThinkerData, batch_size: int, rows: list
     return loss_fn
 
 
+def held_out_transcripts() -> frozenset[str]:
+    """The held-out asr transcripts: no spliced utterance may say one (stages 1, 2 and 4)."""
+    return frozenset(e["answer"] for e in load_examples("test", tasks={"asr"}))
+
+
 def transcript_tokens(tok, examples: list[dict]) -> list[int]:
     """Every token a transcript of `examples` (or a splice of their words) can be written with: each word's
     tokens with and without the space before it."""
@@ -512,30 +515,30 @@ def stage_thinker(run: Run, stage: int) -> dict:
         ex = _subset(load_examples("train", tasks=perception & set(t.tasks.split(",")) if t.tasks else perception),
                      t.subset)
         data = ThinkerData(ex, run.proc, run.tok)
+        # (name, modules that learn, steps, lr, () -> loss_fn, module the loss runs); the LLM stays frozen throughout
+        parts = [("proj", [th.audio_tower.proj, th.visual.merger], t.s1_proj_steps, t.lr,
+                  lambda: thinker_loss(run, data, t.batch_size, seq, by_task=t.task_batches), th),
+                 ("enc", [th.audio_tower, th.visual], t.s1_enc_steps, t.lr,
+                  lambda: thinker_loss(run, data, t.batch_size, seq, by_task=t.task_batches), th)]
+        if t.s1_vis_steps and (not t.tasks or set(t.tasks.split(",")) & set(PICTURE_QUESTIONS)):
+            parts.append(("vision", [th.visual], t.s1_vis_steps, t.s1_vis_lr,
+                          lambda: picture_readout_loss(run, t.batch_size), PictureReadout(th, run.tok)))
+        asr = [e for e in ex if e["task"] == "asr"]
+        if t.s1_audio_steps and asr:
+            rows = [run.cfg.tokens.pad, *transcript_tokens(run.tok, asr)]
+            parts.append(("audio", [th.audio_tower], t.s1_audio_steps, t.s1_audio_lr,
+                          lambda: speech_readout_loss(run, ThinkerData(asr, run.proc, run.tok,
+                                                                       avoid=held_out_transcripts()),
+                                                      t.batch_size, rows),
+                          SpeechReadout(th, rows[1:], rows[0])))
         out = {}
-        for part, steps, trainable in (("proj", t.s1_proj_steps, [th.audio_tower.proj, th.visual.merger]),
-                                       ("enc", t.s1_enc_steps, [th.audio_tower, th.visual])):
-            th.requires_grad_(False)                                   # the LLM stays frozen throughout stage 1
+        for i, (part, trainable, steps, lr, make_loss, module) in enumerate(parts):
+            th.requires_grad_(False)
             for m in trainable:
                 m.requires_grad_(True)
-            out[part] = run.loop(1, f"encoders_{part}", th.parameters(), steps, t.lr,
-                                 thinker_loss(run, data, t.batch_size, seq, by_task=t.task_batches), th)
-        if t.s1_vis_steps and (not t.tasks or set(t.tasks.split(",")) & set(PICTURE_QUESTIONS)):
-            th.requires_grad_(False)
-            th.visual.requires_grad_(True)
-            readout = PictureReadout(th, run.tok)
-            out["vision"] = run.loop(1, "encoders_vision", th.visual.parameters(), t.s1_vis_steps, t.s1_vis_lr,
-                                     picture_readout_loss(run, t.batch_size), readout)
-        if t.s1_audio_steps and "asr" in {e["task"] for e in ex}:
-            th.requires_grad_(False)
-            th.audio_tower.requires_grad_(True)
-            asr = [e for e in ex if e["task"] == "asr"]
-            rows = [run.cfg.tokens.pad, *transcript_tokens(run.tok, asr)]
-            speech = ThinkerData(asr, run.proc, run.tok,
-                                 avoid=frozenset(e["answer"] for e in load_examples("test", tasks={"asr"})))
-            out["audio"] = run.loop(1, "encoders_audio", th.audio_tower.parameters(), t.s1_audio_steps,
-                                    t.s1_audio_lr, speech_readout_loss(run, speech, t.batch_size, rows),
-                                    SpeechReadout(th, rows[1:], rows[0]))
+            out[part] = run.loop(1, f"encoders_{part}", th.parameters(), steps, lr, make_loss(), module)
+            if i + 1 < len(parts):
+                run.save()          # a finished part (run.parts) survives a kill in the next; main saves the last
         th.requires_grad_(True)
         return out
     th.requires_grad_(True)
@@ -672,8 +675,7 @@ def stage_talker(run: Run) -> dict:
     utts = _speech_subset(load_speech("train", sample_rate=run.cfg.vocoder.sample_rate), t.subset)
     ensure_codec(run, utts)
     if t.fresh_speech and t.s4_spliced:
-        held_out = frozenset(e["answer"] for e in load_examples("test", tasks={"asr"}))
-        utts = utts + spliced_utterances(utts, t.subset or t.s4_spliced, t.seed + 4, held_out,
+        utts = utts + spliced_utterances(utts, t.subset or t.s4_spliced, t.seed + 4, held_out_transcripts(),
                                          run.cfg.vocoder.sample_rate)
     items = talker_items(run, utts)
     run.model.thinker.requires_grad_(False)

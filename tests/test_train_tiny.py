@@ -395,7 +395,7 @@ def test_code_rows_start_at_the_centroids_principal_coordinates():
 
 
 def test_stage_one_reads_pictures_out_through_the_frozen_output_layer(quick_run):
-    """Stage 1's first part: a picture's merged vision tokens, averaged, through the LLM's final norm and output
+    """Stage 1's third part: a picture's merged vision tokens, averaged, through the LLM's final norm and output
     layer, scored on each picture question's answer words; only the vision encoder learns from it."""
     from types import SimpleNamespace
 
