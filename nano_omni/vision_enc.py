@@ -107,8 +107,8 @@ class PatchEmbed(nn.Module):
                               bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (N, C*tp*P*P) @ (C*tp*P*P, d): the convolution's own arithmetic as one matmul (on CPU the Conv3d took
-        # 2.7x as long, forward and backward, for the 576 patches of 16 tiny-model pictures)
+        # (N, C*tp*P*P) @ (C*tp*P*P, d): the convolution's own arithmetic as one matmul (on CPU a Conv3d over N
+        # single-window inputs is several times slower, forward and backward)
         w = self.proj.weight
         return F.linear(x.to(w.dtype), w.flatten(1))                     # (N, d)
 
