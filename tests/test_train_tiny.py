@@ -433,6 +433,31 @@ def test_stage_one_reads_pictures_out_through_the_frozen_output_layer(quick_run)
         torch.testing.assert_close(got[task], full[:, [i[0] for i in ids]])
 
 
+def test_stage_one_paper_parts_run_at_their_lr_and_the_readouts_plain(tmp_path, monkeypatch):
+    """Stage 1's paper parts (projections, encoders) at --train.s1_lr under warm-up + cosine with clipping; the two
+    readouts after them at their own constant lr after the warm-up, unclipped (--train.s1_readout_plain)."""
+    real, clipped = torch.nn.utils.clip_grad_norm_, []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda p, *a, **k: clipped.append(1) or real(p, *a, **k))
+    steps = {"proj": 3, "enc": 4, "vis": 12, "audio": 11}
+    out = tmp_path / "r"
+    train_tiny.main(QUICK + ["--out", str(out), "--stage", "1", "--train.warmup=1", "--train.s1_lr=3e-4",
+                             "--train.s1_vis_lr=7e-4", "--train.s1_audio_lr=5e-4"]
+                    + [f"--train.s1_{k}_steps={v}" for k, v in steps.items()])
+    lrs = {}
+    for part, name in zip(steps, ("proj", "enc", "vision", "audio")):
+        with open(out / "logs" / f"1_encoders_{name}.csv") as f:
+            lrs[part] = [float(r["lr"]) for r in csv.DictReader(f)]
+        assert len(lrs[part]) == steps[part], part
+    assert lrs["vis"] == [7e-4] * 12 and lrs["audio"] == [5e-4] * 11
+    for part in ("proj", "enc"):
+        assert lrs[part][0] == pytest.approx(3e-4) and lrs[part][-1] < 3e-4, lrs[part]     # cosine from s1_lr
+    assert len(clipped) == steps["proj"] + steps["enc"]
+    clipped.clear()
+    train_tiny.main(QUICK + ["--out", str(tmp_path / "c"), "--stage", "1", "--train.s1_readout_plain=false"]
+                    + [f"--train.s1_{k}_steps={v}" for k, v in steps.items()])
+    assert len(clipped) == sum(steps.values())
+
+
 def test_stage_one_spells_transcripts_through_the_frozen_output_layer(quick_run):
     """Stage 1's audio part: every audio token through the LLM's final norm and output layer, scored on a blank
     and the transcripts' tokens; CTC against the transcript; only the audio encoder learns from it."""
@@ -484,7 +509,8 @@ def test_stages_two_and_three_keep_the_vision_encoder_stage_one_taught(tmp_path,
     after3 = thinker(run)
     moved = {k for k in after1 if not torch.equal(after1[k], after3[k])}
     assert moved and not any(k.startswith("visual.") for k in moved)
-    train_tiny.main(QUICK + ["--out", str(tmp_path / "thawed"), "--stage", "2", "--train.frozen_vision=false"])
+    train_tiny.main(QUICK + ["--out", str(tmp_path / "thawed"), "--stage", "2", "--train.frozen_vision=false",
+                             "--train.tasks=image_shape"])            # (4 steps of 25-step rounds: pictures for sure)
     thawed = thinker(tmp_path / "thawed")
     assert any(not torch.equal(after1[k], thawed[k]) for k in after1 if k.startswith("visual."))
     first = []
