@@ -2,6 +2,7 @@
 
     python -m nano_omni.evaluate                               # runs/tiny/checkpoint; prints a table and a JSON line
     python -m nano_omni.evaluate --checkpoint DIR --write-readme README.md
+    python -m nano_omni.evaluate --checkpoint R/checkpoint --readouts   # after `train_tiny.py --out R --stage 1`
 
 1. Understanding: exact-match accuracy per task (greedy answers).
 2. Speech: every voice speaks every held-out transcript (Thinker -> Talker -> DiT -> BigVGAN, the official sampling
@@ -11,7 +12,8 @@
    codes -> DiT -> BigVGAN (the chain without the Talker) or -> the codes' centroids -> Griffin-Lim (what the codes
    alone hold) -> transcribed -> word error rate, and the mel distance to the original. Read with 2, this says
    which part loses the words.
-The README's results table is written by --write-readme, between the markers it already holds.
+The README's results table is written by --write-readme, between the markers it already holds. --readouts measures
+only what each encoder knows alone, through stage 1's readouts (nano_omni/readout.py).
 """
 from __future__ import annotations
 
@@ -208,6 +210,9 @@ def main(argv=None):
     ap.add_argument("--positions", choices=["tmrope", "sequential"], default="tmrope",
                     help="the position ids the model was trained with")
     ap.add_argument("--no-speech", action="store_true", help="skip the speech measurements")
+    ap.add_argument("--readouts", action="store_true",
+                    help="only what each encoder knows alone, read out through the LLM's output layer (stage 1's "
+                         "readouts, nano_omni/readout.py; for a checkpoint right after stage 1)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, mps or auto")
     ap.add_argument("--write-readme", metavar="README", help="write the table into this file between its markers")
@@ -218,6 +223,14 @@ def main(argv=None):
     from .training import pick_device
 
     model, tok = load_model(a.checkpoint, dtype=torch.float32, device=pick_device(a.device))
+    if a.readouts:
+        from .readout import readout_accuracy
+
+        proc = Processor(model.cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
+        res = {k: round(100 * v, 1) for k, v in readout_accuracy(model.eval(), tok, proc).items()}
+        print(f"read out through the output layer, exact match in %: {res}")
+        print(json.dumps({"readouts": res}))
+        return
     codec_file = Path(a.checkpoint) / "codec.safetensors"
     codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed,

@@ -12,6 +12,7 @@ import torch
 
 import train_tiny
 from nano_omni.pretrained import load_model
+from nano_omni.readout import PictureReadout, SpeechReadout, transcript_tokens
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["--quick", "--threads", "1"]
@@ -407,7 +408,7 @@ def test_stage_one_reads_pictures_out_through_the_frozen_output_layer(quick_run)
 
     model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
     th = model.thinker
-    readout = train_tiny.PictureReadout(th, tok)
+    readout = PictureReadout(th, tok)
     run = SimpleNamespace(t=train_tiny.TrainConfig(), cfg=model.cfg, device=torch.device("cpu"))
     loss_fn = train_tiny.picture_readout_loss(run, 4)
     th.requires_grad_(False)
@@ -469,12 +470,12 @@ def test_stage_one_spells_transcripts_through_the_frozen_output_layer(quick_run)
     model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
     th = model.thinker
     asr = load_examples("train", tasks={"asr"})[:12]
-    ids = train_tiny.transcript_tokens(tok, asr)
+    ids = transcript_tokens(tok, asr)
     for e in asr:        # every transcript can be spelled, and so can its words in another order (a splice)
         assert set(tok.encode(e["answer"])) | set(tok.encode(" ".join(e["answer"].split()[::-1]))) <= set(ids)
     assert model.cfg.tokens.pad not in ids
     rows = [model.cfg.tokens.pad, *ids]
-    readout = train_tiny.SpeechReadout(th, ids, model.cfg.tokens.pad)
+    readout = SpeechReadout(th, ids, model.cfg.tokens.pad)
     data = ThinkerData(asr, Processor(model.cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS), tok)
     x, _ = data.batch([0, 1])
     with torch.no_grad():
@@ -491,6 +492,57 @@ def test_stage_one_spells_transcripts_through_the_frozen_output_layer(quick_run)
     torch.optim.SGD(th.audio_tower.parameters(), lr=0.1).step()
     changed = {k for k, v in th.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("audio_tower.") for k in changed)
+
+
+def test_ctc_best_path_merges_repeats_then_drops_blanks():
+    from nano_omni.readout import ctc_greedy
+
+    best = [0, 3, 3, 0, 3, 2, 2, 0, 0, 1]
+    assert ctc_greedy(torch.nn.functional.one_hot(torch.tensor(best), 4).float()) == [3, 3, 2, 1]
+    assert ctc_greedy(torch.zeros(5, 4)) == []                           # all blank (argmax of ties: column 0)
+
+
+def test_readout_accuracy_counts_what_the_readouts_say(quick_run, monkeypatch, capsys):
+    """evaluate --readouts: each readout's exact match, on a rigged readout whose answers are known: the picture
+    readout right on every shape and count but never on the colour; the speech readout spelling every held-out
+    transcript (each token twice, blanks between) except the first, for which it says nothing."""
+    import numpy as np
+
+    from nano_omni import evaluate, readout
+    from nano_omni.data import load_examples
+    from nano_omni.toy import PICTURE_ANSWERS, draw_picture, picture_answer
+
+    model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
+    pics = [m for _, m in (draw_picture(np.random.default_rng([99, i])) for i in range(300))]
+
+    def pictures(self, pixel_values, grid_thw):
+        assert len(grid_thw) == len(pics)
+        right = {t: torch.tensor([ws.index(picture_answer(t, m)) for m in pics]) for t, ws in PICTURE_ANSWERS.items()}
+        right["image_colour"] = (right["image_colour"] + 1) % len(PICTURE_ANSWERS["image_colour"])
+        return {t: torch.nn.functional.one_hot(right[t], len(ws)).float() for t, ws in PICTURE_ANSWERS.items()}
+
+    test = load_examples("test", tasks={"asr"})
+    ids = readout.transcript_tokens(tok, load_examples("train", tasks={"asr"}))
+    seen = []
+
+    def speech(self, features, lengths):
+        out = []
+        for n in lengths.tolist():
+            k = len(seen)
+            seen.append(k)
+            cols = [] if k == 0 else [c for t in tok.encode(test[k]["answer"]) for c in (ids.index(t) + 1,) * 2 + (0,)]
+            t_len = readout.AudioEncoder.token_count(int(n))
+            assert len(cols) <= t_len
+            out.append(torch.nn.functional.one_hot(torch.tensor(cols + [0] * (t_len - len(cols))), len(ids) + 1))
+        return torch.cat(out).float()
+
+    monkeypatch.setattr(readout.PictureReadout, "forward", pictures)
+    monkeypatch.setattr(readout.SpeechReadout, "forward", speech)
+    evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), "--readouts"])
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["readouts"]
+    assert len(seen) == len(test)
+    assert got == {"image_shape": 100.0, "image_count": 100.0, "image_colour": 0.0,
+                   "asr": round(100 * (len(test) - 1) / len(test), 1)}
 
 
 def test_stages_two_and_three_keep_the_vision_encoder_stage_one_taught(tmp_path, monkeypatch):
