@@ -453,8 +453,9 @@ def picture_readout_loss(run: Run, batch_size: int):
 
 
 def speech_readout_loss(run: Run, data: ThinkerData, batch_size: int, rows: list[int]):
-    """Stage 1's fourth part, the audio encoder alone: SpeechReadout's CTC loss over the asr items of `data`, every other one a spliced utterance (as in stage 2);
-    each item's target is its answer's tokens (the labels without <|im_end|>), as indices into `rows`."""
+    """Stage 1's fourth part, the audio encoder alone: SpeechReadout's CTC loss over the asr items of `data`, every
+    other one a spliced utterance (as in stage 2); each item's target is its answer's tokens (the labels without
+    <|im_end|>), as indices into `rows`."""
     index = {tok: k for k, tok in enumerate(rows)}
 
     def loss_fn(step: int, module):
