@@ -102,7 +102,8 @@ class TrainConfig:
     s6_lr: float = 3e-3            # was 1e-3: the held-out recordings' own codes through DiT + BigVGAN were heard
                                    # at 96.0 % WER, at 3e-3 69.4 % (6e-3: 70.1 %)
     s6_frames: int = 192           # training crops of the DiT, mel frames
-    s7_steps: int = 700            # was 800: its 27 s went to the Thinker's stages 1 and 2
+    s7_steps: int = 700            # was 800: its 27 s went to the Thinker's stages 1 and 2 (600 with the DiT's 600:
+                                   # the recordings' mels through BigVGAN heard at 18.6 % instead of 13.7; README)
     s7_batch_size: int = 8
     s7_lr: float = 6e-3            # was 1e-3: BigVGAN on the held-out recordings' mels was heard at 83.5 % WER,
                                    # at 3e-3 61.5 %, at 6e-3 58.3 %
@@ -111,7 +112,7 @@ class TrainConfig:
                                    # budget: ASR alone, 400 steps, held-out exact match 23 % with it, 30 % without)
     fresh_pictures: bool = True    # stage 2: a newly drawn picture for every picture-task item (nano_omni/toy.py)
     fresh_text: bool = True        # stage 2: a new question for every text_copy / text_count item (never a test one;
-                                   # with three text_count turns: README, "Encoders that learn before they meet the LLM")
+                                   # with 3 text_count turns: README, "Encoders that learn before they meet the LLM")
     fresh_speech: bool = True      # stage 2: every other asr item a spliced utterance, a word sequence no recording
                                    # says (data.SpeechPieces; never a held-out transcript)
     s4_spliced: int = 1800         # stage 4: spliced utterances for the Talker to speak beside the recordings (with
@@ -130,7 +131,7 @@ class TrainConfig:
                                    # turns left held-out asr at 16 %, 4 at 52 %; text_count 1 -> 3 turns with
                                    # fresh_text: 51.7 -> 90.0 and 75.0 % in two runs)
     tasks: str = ""                # comma-separated tasks for the Thinker stages ("": all), e.g. video_cue_colour
-    ckpt_every: int = 100
+    ckpt_every: int = 500          # steps between a stage's resumable checkpoints (~0.15 s each)
     stop_after_steps: int = 0      # stop this invocation after so many steps, as if killed (0: never)
     subset: int = 0                # use only this many examples per task / utterances (0: all)
 
