@@ -155,12 +155,14 @@ class ThinkerData:
         self.assistant = tokenizer.encode("assistant\n")
         self.items: list[Example] = [self.example(ex) for ex in examples]
 
-    def example(self, ex) -> Example:
-        """One example dict (or a list of them: one multi-turn conversation), processed and with its answer spans."""
+    def example(self, ex, positions: bool = True) -> Example:
+        """One example dict (or a list of them: one multi-turn conversation), processed and with its answer spans
+        (positions=False: without its own positions, for an item that only enters batches; see Processor)."""
         group = ex if isinstance(ex, list) else [ex]
         msgs, aiv = multi_turn(group, self.root)
         try:
-            x = self.proc([msgs], use_audio_in_video=aiv, system=SYSTEM, add_generation_prompt=False)
+            x = self.proc([msgs], use_audio_in_video=aiv, system=SYSTEM, add_generation_prompt=False,
+                          positions=positions)
         except (ValueError, OSError) as e:
             raise ValueError(f"example {group[-1]['id']}: {e}") from None
         x.use_audio_in_video = True             # harmless for rows without video; lets every row share a batch
@@ -180,7 +182,7 @@ class ThinkerData:
         only; both depend only on (seed, item), so they do not change with how a batch is split over processes."""
         items = [self.items[i] for i in idx]
         if redraw_seed is not None:
-            items = [self.example(self.fresh(it.task, redraw_seed * 1_000_003 + i))
+            items = [self.example(self.fresh(it.task, redraw_seed * 1_000_003 + i), positions=False)
                      if it.task in redraw and len(it.answer_spans) == 1
                      and (it.task != "asr" or (self.speech.speakers and (redraw_seed + i) % 2)) else it
                      for i, it in zip(idx, items)]

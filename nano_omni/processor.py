@@ -42,8 +42,8 @@ class OmniInputs:
     """Everything the Thinker reads for one batch. Media tensors hold all items of the batch in reading order."""
     input_ids: torch.Tensor                          # (B, T)
     attention_mask: torch.Tensor                     # (B, T) 1 = real token
-    positions: torch.Tensor                          # (3, B, T) TMRoPE ids
-    rope_deltas: torch.Tensor                        # (B, 1)
+    positions: torch.Tensor | None                   # (3, B, T) TMRoPE ids (None: not computed, see __call__)
+    rope_deltas: torch.Tensor | None                 # (B, 1)
     audio_features: torch.Tensor | None = None       # (n_mels, sum of frames), standalone and in-video audio
     audio_lengths: torch.Tensor | None = None        # (n_audio,) mel frames each
     pixel_values: torch.Tensor | None = None         # (sum of patches, patch_dim), images
@@ -133,7 +133,10 @@ class Processor:
         self.video_pixels = video_pixels or (None, None)
 
     def __call__(self, conversations, *, use_audio_in_video: bool = False, system: str | None = DEFAULT_SYSTEM,
-                 add_generation_prompt: bool = True, padding_side: str = "left") -> OmniInputs:
+                 add_generation_prompt: bool = True, padding_side: str = "left", positions: bool = True) -> OmniInputs:
+        """positions=False leaves positions and rope_deltas None: for an item that only ever enters a batch through
+        `collate`, which computes the batch's own (training builds a fresh item every step; its single-row positions
+        cost ~1 ms for a picture and were thrown away)."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]                       # one conversation
         if padding_side not in ("left", "right"):
@@ -181,7 +184,8 @@ class Processor:
                         toks += [tk.video_pad if part == "video" else tk.audio_pad] * n
                     expansion.append(toks + [tk.audio_eos])
             rows.append(self._expand(ids, expansion))
-        return self._batch(rows, mels, images, image_grids, videos, video_grids, spgs, use_audio_in_video, padding_side)
+        return self._batch(rows, mels, images, image_grids, videos, video_grids, spgs, use_audio_in_video, padding_side,
+                           positions)
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def _audio(self, it, ci) -> torch.Tensor:
@@ -242,7 +246,8 @@ class Processor:
                 spgs += it.second_per_grid.tolist()
         return self._batch(rows, mels, images, igrids, videos, vgrids, spgs, items[0].use_audio_in_video, padding_side)
 
-    def _batch(self, rows, mels, images, image_grids, videos, video_grids, spgs, aiv, side) -> OmniInputs:
+    def _batch(self, rows, mels, images, image_grids, videos, video_grids, spgs, aiv, side,
+               with_positions: bool = True) -> OmniInputs:
         T = max(len(r) for r in rows)
         ids = torch.full((len(rows), T), self.cfg.tokens.pad, dtype=torch.long)
         mask = torch.zeros(len(rows), T, dtype=torch.long)
@@ -257,6 +262,7 @@ class Processor:
         positions, deltas = get_rope_index(ids, self.cfg.tokens, attention_mask=mask, audio_lengths=audio_lengths,
                                            use_audio_in_video=aiv, spatial_merge_size=self.cfg.vision.spatial_merge_size,
                                            position_id_per_seconds=self.cfg.position_id_per_seconds,
-                                           seconds_per_chunk=self.cfg.seconds_per_chunk, **kw)
+                                           seconds_per_chunk=self.cfg.seconds_per_chunk, **kw) \
+            if with_positions else (None, None)
         return OmniInputs(ids, mask, positions, deltas, torch.cat(mels, 1) if mels else None, audio_lengths,
                           cat(images), kw["image_grid_thw"], cat(videos), kw["video_grid_thw"], kw["second_per_grid"], aiv)

@@ -157,6 +157,27 @@ def test_fresh_pictures_replace_picture_items_only(data_copy):
             assert torch.equal(x0.input_ids[i][l0[i] != -100], x1.input_ids[i][l1[i] != -100])
 
 
+def test_fresh_items_leave_positions_to_the_batch(data_copy):
+    """A fresh item (built every training step) skips its own single-row positions; collate computes the batch's,
+    so the batch is the same, field for field, as one of items built with theirs."""
+    from dataclasses import fields
+
+    from nano_omni.toy import PICTURE_QUESTIONS, TEXT_QUESTIONS
+
+    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
+    d = ThinkerData(load_examples("train", data_copy), Processor(CFG, tok), tok, data_copy)
+    fresh = [d.fresh(task, s) for task in [*PICTURE_QUESTIONS, *TEXT_QUESTIONS] for s in range(2)]
+    full = [d.example(f).inputs for f in fresh]
+    bare = [d.example(f, positions=False).inputs for f in fresh]
+    assert all(x.positions is not None for x in full)
+    assert all(x.positions is None and x.rope_deltas is None for x in bare)
+    a, b = d.proc.collate(full, padding_side="right"), d.proc.collate(bare, padding_side="right")
+    assert a.positions is not None and a.pixel_values is not None
+    for f in fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
+
+
 def test_fresh_text_items_are_right_and_never_held_out(data_copy):
     from nano_omni.toy import NUMBERS, PICTURE_QUESTIONS, TEXT_QUESTIONS
 
