@@ -259,10 +259,12 @@ class Processor:
         audio_lengths = torch.tensor([m.shape[1] for m in mels]) if mels else None
         kw = dict(image_grid_thw=cat(image_grids), video_grid_thw=cat(video_grids),
                   second_per_grid=torch.tensor(spgs, dtype=torch.float32) if spgs else None)
-        positions, deltas = get_rope_index(ids, self.cfg.tokens, attention_mask=mask, audio_lengths=audio_lengths,
-                                           use_audio_in_video=aiv, spatial_merge_size=self.cfg.vision.spatial_merge_size,
-                                           position_id_per_seconds=self.cfg.position_id_per_seconds,
-                                           seconds_per_chunk=self.cfg.seconds_per_chunk, **kw) \
-            if with_positions else (None, None)
+        positions = deltas = None
+        if with_positions:
+            positions, deltas = get_rope_index(ids, self.cfg.tokens, attention_mask=mask, audio_lengths=audio_lengths,
+                                               use_audio_in_video=aiv,
+                                               spatial_merge_size=self.cfg.vision.spatial_merge_size,
+                                               position_id_per_seconds=self.cfg.position_id_per_seconds,
+                                               seconds_per_chunk=self.cfg.seconds_per_chunk, **kw)
         return OmniInputs(ids, mask, positions, deltas, torch.cat(mels, 1) if mels else None, audio_lengths,
                           cat(images), kw["image_grid_thw"], cat(videos), kw["video_grid_thw"], kw["second_per_grid"], aiv)
