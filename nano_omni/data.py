@@ -274,12 +274,23 @@ class SpeechPieces:
 
     def splice(self, rng: np.random.Generator, seed: int, avoid: frozenset[str] = frozenset()) -> dict:
         """A new utterance drawn with `rng`, its transcript none of `avoid` (drawn again until so)."""
-        while True:
-            ex = self._splice(rng, seed)
-            if ex["answer"] not in avoid:
-                return ex
+        spk, chosen, gaps = self.draw(rng, avoid)
+        parts = [self.wav(chosen[0])]
+        for ex, gap in zip(chosen[1:], gaps):
+            parts += [np.zeros(int(self.rate * gap), np.float32), self.wav(ex)]
+        return {"id": f"fresh-asr-{seed}", "task": "asr", "question": chosen[0].get("question"),
+                "answer": " ".join(self.text(ex) for ex in chosen), "audio": (np.concatenate(parts), self.rate),
+                "speaker": spk, "pieces": [ex["id"] for ex in chosen]}
 
-    def _splice(self, rng: np.random.Generator, seed: int) -> dict:
+    def draw(self, rng: np.random.Generator, avoid: frozenset[str] = frozenset()) -> tuple[str, list[dict], list[float]]:
+        """What `splice` joins, without joining it: (speaker, the pieces in order, the silence before each piece
+        after the first, in seconds). The Talker's fresh items join the pieces' codes instead of their waveforms."""
+        while True:
+            spk, chosen, gaps = self._draw(rng)
+            if " ".join(self.text(ex) for ex in chosen) not in avoid:
+                return spk, chosen, gaps
+
+    def _draw(self, rng: np.random.Generator) -> tuple[str, list[dict], list[float]]:
         spk = self.speakers[int(rng.integers(len(self.speakers)))]
         if rng.random() < 0.5 and (spk, "colour") in self.pieces and (spk, "shape") in self.pieces:
             chosen = [self._pick(rng, spk, "colour"), self._pick(rng, spk, "shape")]
@@ -293,14 +304,7 @@ class SpeechPieces:
                 ex = fits[int(rng.integers(len(fits)))]
                 chosen.append(ex)
                 n += len(self.text(ex).split())
-        parts = []
-        for k, ex in enumerate(chosen):
-            if k:
-                parts.append(np.zeros(int(self.rate * rng.uniform(0.04, 0.16)), np.float32))
-            parts.append(self.wav(ex))
-        text = " ".join(self.text(ex) for ex in chosen)
-        return {"id": f"fresh-asr-{seed}", "task": "asr", "question": chosen[0].get("question"), "answer": text,
-                "audio": (np.concatenate(parts), self.rate), "speaker": spk, "pieces": [ex["id"] for ex in chosen]}
+        return spk, chosen, [float(rng.uniform(0.04, 0.16)) for _ in chosen[1:]]     # 40-160 ms between pieces
 
     def _pick(self, rng, spk, kind) -> dict:
         group = self.pieces[(spk, kind)]

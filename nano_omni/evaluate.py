@@ -3,11 +3,13 @@
     python -m nano_omni.evaluate                               # runs/tiny/checkpoint; prints a table and a JSON line
     python -m nano_omni.evaluate --checkpoint DIR --write-readme README.md
     python -m nano_omni.evaluate --checkpoint R/checkpoint --readouts   # after `train_tiny.py --out R --stage 1`
+    python -m nano_omni.evaluate --checkpoint DIR --tasks asr --seeds 0,1,2   # the speech half, over three seeds
 
 1. Understanding: exact-match accuracy per task (greedy answers).
 2. Speech: every voice speaks every held-out transcript (Thinker -> Talker -> DiT -> BigVGAN, the official sampling
-   defaults with a fixed seed); the trained Thinker transcribes it back; word error rate per voice. Also the mel
-   distance (DTW-aligned mean absolute difference of log mels) to the real recording of that text by that voice.
+   defaults with a fixed seed, or once per seed of --seeds); the trained Thinker transcribes it back; word error rate
+   per voice. Also the mel distance (DTW-aligned mean absolute difference of log mels) to the real recording of that
+   text by that voice.
 3. The chain, part by part: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim, and -> their codec
    codes -> DiT -> BigVGAN (the chain without the Talker) or -> the codes' centroids -> Griffin-Lim (what the codes
    alone hold) -> transcribed -> word error rate, and the mel distance to the original. Read with 2, this says
@@ -110,11 +112,14 @@ def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0, tasks=None,
-             positions: str = "tmrope", with_speech: bool = True, codec=None) -> dict:
+             positions: str = "tmrope", with_speech: bool = True, codec=None, seeds: list[int] | None = None) -> dict:
     """Held-out accuracy per task, then (with_speech) the speech half judged by the model's own Thinker: generated
     speech per voice, and the real test recordings through each part of the chain (their mel through BigVGAN and
     Griffin-Lim; with `codec`, a SpeechCodec, their codes through the DiT and BigVGAN), so that where
-    intelligibility is lost can be read off."""
+    intelligibility is lost can be read off. seeds: speak every text once per sampling seed (the Talker samples,
+    and one seed moves a voice's word error rate by several points); the figures are then means over the seeds,
+    each seed's word error rate kept in `wer_by_seed`. Default: [seed]."""
+    seeds = list(seeds) if seeds else [seed]
     model.eval()
     cfg = model.cfg
     proc = Processor(cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
@@ -141,12 +146,15 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
             mine = mine[:per_voice] if per_voice else mine
             if not mine:
                 continue
-            wavs = [speak(model, tok, u["transcript"], v, seed) for u in mine]
-            heard = transcribe(model, proc, [w if w.numel() > 2400 else torch.zeros(2400) for w in wavs])
-            wer = [word_error_rate(u["transcript"], h) for u, h in zip(mine, heard)]
-            dist = [dtw_distance(mel_of(w), mel_of(u["wav"])) for w, u in zip(wavs, mine) if w.numel() > 2400]
-            speech[v] = {"wer": float(np.mean(wer)), "mel_distance": float(np.mean(dist)) if dist else None,
-                         "n": len(mine), "examples": [{"text": u["transcript"], "heard": h} for u, h in zip(mine[:3], heard[:3])]}
+            by_seed, dist, examples = {}, [], None
+            for s in seeds:
+                wavs = [speak(model, tok, u["transcript"], v, s) for u in mine]
+                heard = transcribe(model, proc, [w if w.numel() > 2400 else torch.zeros(2400) for w in wavs])
+                by_seed[s] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(mine, heard)]))
+                dist += [dtw_distance(mel_of(w), mel_of(u["wav"])) for w, u in zip(wavs, mine) if w.numel() > 2400]
+                examples = examples or [{"text": u["transcript"], "heard": h} for u, h in zip(mine[:3], heard[:3])]
+            speech[v] = {"wer": float(np.mean(list(by_seed.values()))), "wer_by_seed": by_seed,
+                         "mel_distance": float(np.mean(dist)) if dist else None, "n": len(mine), "examples": examples}
         real = utts[: (per_voice * 4) if per_voice else len(utts)]
         mels = [mel_of(u["wav"]) for u in real]
         runs = {"bigvgan": [model.token2wav.code2wav_bigvgan_model(m.T[None].to(model.device))[0].cpu() for m in mels],
@@ -171,10 +179,14 @@ def table(res: dict) -> str:
     lines = ["| held-out task | exact match |", "|---|---:|"]
     lines += [f"| {t} | {100 * a:.1f} % |" for t, a in res["accuracy"].items()]
     if res["speech"]:
-        lines += ["", "| voice | word error rate of generated speech | mel distance to the recording |", "|---|---:|---:|"]
+        seeds = list(next(iter(res["speech"].values()))["wer_by_seed"])
+        wer = "word error rate of generated speech" + (f" (mean; seeds {' / '.join(map(str, seeds))})"
+                                                        if len(seeds) > 1 else "")
+        lines += ["", f"| voice | {wer} | mel distance to the recording |", "|---|---:|---:|"]
         for v, s in res["speech"].items():
             md = "–" if s["mel_distance"] is None else f"{s['mel_distance']:.3f}"
-            lines.append(f"| {v} | {100 * s['wer']:.1f} % | {md} |")
+            each = f" ({' / '.join(f'{100 * w:.1f}' for w in s['wer_by_seed'].values())})" if len(seeds) > 1 else ""
+            lines.append(f"| {v} | {100 * s['wer']:.1f} %{each} | {md} |")
     if res["vocoder"].get("bigvgan"):
         lines += ["", "| the held-out recordings, through | word error rate | mel distance |", "|---|---:|---:|"]
         for name, label in (("bigvgan", "their mel -> BigVGAN"), ("griffin_lim", "their mel -> Griffin-Lim"),
@@ -206,6 +218,8 @@ def main(argv=None):
     ap.add_argument("--per-task", type=int, default=0, help="examples per task (0: all)")
     ap.add_argument("--per-voice", type=int, default=0, help="utterances per voice (0: all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", help="comma-separated sampling seeds: every voice speaks every text once per seed, "
+                                    "the table gives the mean and each seed's word error rate (default: --seed)")
     ap.add_argument("--tasks", help="comma-separated understanding tasks (default: all)")
     ap.add_argument("--positions", choices=["tmrope", "sequential"], default="tmrope",
                     help="the position ids the model was trained with")
@@ -233,7 +247,13 @@ def main(argv=None):
         return
     codec_file = Path(a.checkpoint) / "codec.safetensors"
     codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
-    res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed,
+    seeds = None
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",")]
+        except ValueError:
+            ap.error(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {a.seeds!r}")
+    res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed, seeds=seeds,
                    tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions,
                    with_speech=not a.no_speech, codec=codec)
     text = table(res)

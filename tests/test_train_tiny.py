@@ -135,6 +135,9 @@ def test_bad_runs_are_refused_with_a_reason(quick_run, tmp_path):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "y"), "--stage", "5"])
     with pytest.raises(SystemExit, match="--train.tokenizer must be 'bpe' or 'bytes', got 'words'"):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "z"), "--train.tokenizer=words"])
+    with pytest.raises(SystemExit, match=r"--train.s4_fresh \(5\) must lie between 0 and --train.s4_batch_size \(4\)"):
+        train_tiny.main(QUICK + ["--out", str(tmp_path / "w"), "--train.s4_fresh=5"])
+    assert not (tmp_path / "w").exists()                        # refused before anything is written
 
 
 def test_byte_tokenizer_run(tmp_path):
@@ -261,16 +264,21 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
     readme.write_text("# x\n<!-- results:begin -->\nold\n<!-- results:end -->\ntail\n")
     out = tmp_path / "res.json"
     evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), "--per-task", "2", "--per-voice", "1",
-                   "--threads", "1", "--write-readme", str(readme), "--json", str(out)])
+                   "--threads", "1", "--seeds", "0,1", "--write-readme", str(readme), "--json", str(out)])
     res = json.loads(out.read_text())
     assert set(res["accuracy"]) == set(TASKS)
     assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
     assert set(res["speech"]) == set(train_tiny.SPEAKERS)
+    for s in res["speech"].values():     # every text spoken once per seed; the figure is the mean over the seeds
+        assert sorted(s["wer_by_seed"]) == ["0", "1"] and s["wer"] == pytest.approx(sum(s["wer_by_seed"].values()) / 2)
+    with pytest.raises(SystemExit):
+        evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), "--seeds", "0,x"])
     for name in ("bigvgan", "griffin_lim", "codes_dit_bigvgan", "codes_centroids_griffin_lim"):
         assert res["vocoder"][name]["wer"] >= 0 and res["vocoder"][name]["mel_distance"] > 0, name
     doc = readme.read_text()
     assert "old" not in doc and doc.endswith("<!-- results:end -->\ntail\n")
     assert "their codec codes -> DiT -> BigVGAN" in doc and "| asr |" in doc
+    assert "word error rate of generated speech (mean; seeds 0 / 1)" in doc
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
@@ -368,6 +376,48 @@ def test_talker_learns_to_speak_spliced_utterances():
     assert starts and u["transcript"].startswith(starts[0]["transcript"])
     assert train_tiny.spliced_utterances(utts, 5, seed=3, avoid=frozenset(u["transcript"] for u in out),
                                          rate=24000)[0]["transcript"] not in {u["transcript"] for u in out}
+
+
+def test_talker_fresh_texts_join_the_pieces_codes(quick_run):
+    """--train.s4_fresh: a fresh item says what SpeechPieces draws (never a held-out transcript), its codes the
+    pieces' own codes with silence codes for each pause, 50 per second; the same generator gives the same items;
+    the Thinker's rows read in a padded batch equal those read one conversation at a time."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from nano_omni.codec import SpeechCodec
+    from nano_omni.data import SpeechPieces, load_speech
+
+    ck = quick_run / "checkpoint"
+    model, tok = load_model(ck, dtype=torch.float32)
+    run = SimpleNamespace(model=model.eval(), tok=tok, cfg=model.cfg, device=torch.device("cpu"),
+                          codec=SpeechCodec.load(ck / "codec.safetensors"))
+    utts = load_speech("train", speakers={"kal16"})
+    codes = [run.codec.encode(u["wav"]) for u in utts]
+    splicer = train_tiny.CodeSplicer(run, utts, codes)
+    items = splicer.items(8, np.random.default_rng(5))
+    assert len(items) == 8 and len({tuple(it["reply_ids"]) for it in items}) > 4
+    by_audio = {u["audio"]: c for u, c in zip(utts, codes)}
+    silence = int(run.codec.encode(torch.zeros(4800))[0])
+    rng, texts = np.random.default_rng(5), []
+    for it in items:
+        spk, chosen, gaps = splicer.pieces.draw(rng, splicer.avoid)
+        texts.append(" ".join(SpeechPieces.text(ex) for ex in chosen))
+        assert texts[-1] not in train_tiny.held_out_transcripts() and it["reply_ids"] == tok.encode(texts[-1])
+        expect = [by_audio[chosen[0]["audio"]]]
+        for ex, gap in zip(chosen[1:], gaps):
+            assert 2 <= round(gap * 50) <= 8                                  # 40-160 ms of silence codes
+            expect += [torch.full((round(gap * 50),), silence), by_audio[ex["audio"]]]
+        assert torch.equal(it["codes"], torch.cat(expect))
+        assert spk == "kal16" and it["spk"] == train_tiny.speaker_ids(run.cfg)["kal16"]
+    for it, text in zip(items, texts):                 # the padded batch's rows are each conversation's own
+        alone = train_tiny.text_track_items(run, [text], ["kal16"], [it["codes"]])[0]
+        assert alone["prompt_ids"] == it["prompt_ids"]
+        assert torch.allclose(alone["prompt"], it["prompt"], atol=1e-5)
+        assert torch.allclose(alone["reply"], it["reply"], atol=1e-5)
+    again = splicer.items(8, np.random.default_rng(5))
+    assert all(torch.equal(a["codes"], b["codes"]) and torch.equal(a["reply"], b["reply"]) for a, b in zip(items, again))
 
 
 def test_code_rows_start_at_the_centroids_principal_coordinates():
