@@ -259,8 +259,8 @@ def main(argv=None):
     text = table(res)
     print(text)
     if a.write_readme:
-        write_readme(Path(a.write_readme), f"Measured by `python -m nano_omni.evaluate --checkpoint {a.checkpoint}`:\n\n"
-                                           + text)
+        cmd = f"python -m nano_omni.evaluate --checkpoint {a.checkpoint}" + (f" --seeds {a.seeds}" if a.seeds else "")
+        write_readme(Path(a.write_readme), f"Measured by `{cmd}`:\n\n" + text)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     print(json.dumps(res))

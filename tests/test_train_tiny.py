@@ -278,7 +278,7 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
     doc = readme.read_text()
     assert "old" not in doc and doc.endswith("<!-- results:end -->\ntail\n")
     assert "their codec codes -> DiT -> BigVGAN" in doc and "| asr |" in doc
-    assert "word error rate of generated speech (mean; seeds 0 / 1)" in doc
+    assert "word error rate of generated speech (mean; seeds 0 / 1)" in doc and "--seeds 0,1`" in doc
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
     with pytest.raises(ValueError, match="markers"):
