@@ -282,7 +282,8 @@ class SpeechPieces:
                 "answer": " ".join(self.text(ex) for ex in chosen), "audio": (np.concatenate(parts), self.rate),
                 "speaker": spk, "pieces": [ex["id"] for ex in chosen]}
 
-    def draw(self, rng: np.random.Generator, avoid: frozenset[str] = frozenset()) -> tuple[str, list[dict], list[float]]:
+    def draw(self, rng: np.random.Generator,
+             avoid: frozenset[str] = frozenset()) -> tuple[str, list[dict], list[float]]:
         """What `splice` joins, without joining it: (speaker, the pieces in order, the silence before each piece
         after the first, in seconds). The Talker's fresh items join the pieces' codes instead of their waveforms."""
         while True:

@@ -417,7 +417,19 @@ def test_talker_fresh_texts_join_the_pieces_codes(quick_run):
         assert torch.allclose(alone["prompt"], it["prompt"], atol=1e-5)
         assert torch.allclose(alone["reply"], it["reply"], atol=1e-5)
     again = splicer.items(8, np.random.default_rng(5))
-    assert all(torch.equal(a["codes"], b["codes"]) and torch.equal(a["reply"], b["reply"]) for a, b in zip(items, again))
+    assert all(torch.equal(a["codes"], b["codes"]) and torch.equal(a["reply"], b["reply"])
+               for a, b in zip(items, again))
+
+
+def test_fresh_talker_texts_need_digits_to_splice(tmp_path, monkeypatch):
+    """--train.s4_fresh on training speech with no digit recordings to splice: a clear refusal, not a crash."""
+    from nano_omni.data import DIGIT_WORDS
+
+    real = train_tiny.load_speech
+    monkeypatch.setattr(train_tiny, "load_speech", lambda *a, **k: [
+        u for u in real(*a, **k) if not set(u["transcript"].split()) <= set(DIGIT_WORDS)])
+    with pytest.raises(SystemExit, match="has none to splice: pass --train.s4_fresh=0"):
+        train_tiny.main(QUICK + ["--out", str(tmp_path / "r"), "--stage", "4", "--train.subset=60"])
 
 
 def test_code_rows_start_at_the_centroids_principal_coordinates():
