@@ -232,6 +232,12 @@ def main(argv=None):
     ap.add_argument("--write-readme", metavar="README", help="write the table into this file between its markers")
     ap.add_argument("--json", metavar="PATH", help="also save the full results here")
     a = ap.parse_args(argv)
+    seeds = None                     # checked before the model is loaded
+    if a.seeds:
+        try:
+            seeds = [int(x) for x in a.seeds.split(",")]
+        except ValueError:
+            ap.error(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {a.seeds!r}")
     if a.threads:
         torch.set_num_threads(a.threads)
     from .training import pick_device
@@ -247,12 +253,6 @@ def main(argv=None):
         return
     codec_file = Path(a.checkpoint) / "codec.safetensors"
     codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
-    seeds = None
-    if a.seeds:
-        try:
-            seeds = [int(x) for x in a.seeds.split(",")]
-        except ValueError:
-            ap.error(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {a.seeds!r}")
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed, seeds=seeds,
                    tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions,
                    with_speech=not a.no_speech, codec=codec)
