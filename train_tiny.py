@@ -118,6 +118,9 @@ class TrainConfig:
     s4_fresh: int = 12             # stage 4: items of each batch of 16 spliced anew from the recordings' codes
                                    # (CodeSplicer), the other 4 recordings; the Talker's generated speech, mean WER
                                    # over seeds 0-2: 32.2 % with the fixed pool below, 23.6 % fresh (README)
+    s4_words: float = 0.5          # stage 4: the share of fresh texts spliced word by word, a digit recording per
+                                   # digit (SpeechPieces.draw_words); generated speech, mean WER over seeds 0-2:
+                                   # 0 23.6 %, 0.5 15.1 %, 1 20.0 % (README, "Word by word")
     s4_spliced: int = 1800         # with s4_fresh=0: a fixed pool of spliced utterances beside the recordings (with
                                    # fresh_speech); they hurt the 2-layer Talker of the byte model, help the 4-layer
                                    # one (generated speech, mean WER: none 50.4 %, 900 46.3 %, 1,800 40.1 %)
@@ -673,11 +676,13 @@ class CodeSplicer:
         self.silence = int(run.codec.encode(torch.zeros(run.cfg.vocoder.sample_rate // 5))[0])
         self.per_second = run.cfg.vocoder.sample_rate // (run.cfg.vocoder.hop_length * run.codec.frames_per_code)
         self.avoid = held_out_transcripts()
+        self.words = run.t.s4_words
 
     def items(self, n: int, rng: np.random.Generator) -> list[dict]:
         texts, speakers, codes = [], [], []
         for _ in range(n):
-            spk, chosen, gaps = self.pieces.draw(rng, self.avoid)
+            word_by_word = self.words > 0 and rng.random() < self.words
+            spk, chosen, gaps = (self.pieces.draw_words if word_by_word else self.pieces.draw)(rng, self.avoid)
             parts = [self.codes[chosen[0]["audio"]]]
             for ex, gap in zip(chosen[1:], gaps):
                 parts += [torch.full((round(gap * self.per_second),), self.silence, dtype=torch.long),
@@ -986,6 +991,9 @@ def main(argv=None):
     if not 0 <= tcfg.s4_fresh <= tcfg.s4_batch_size:
         raise SystemExit(f"--train.s4_fresh ({tcfg.s4_fresh}) must lie between 0 and --train.s4_batch_size "
                          f"({tcfg.s4_batch_size}): it is how many items of each Talker batch are spliced anew")
+    if not 0 <= tcfg.s4_words <= 1:
+        raise SystemExit(f"--train.s4_words ({tcfg.s4_words}) must lie between 0 and 1: it is the share of the "
+                         f"Talker's fresh texts spliced word by word")
     tok = run_tokenizer(Path(args.out), cfg, tcfg.tokenizer)
     if args.preset == "tiny" and "thinker.vocab_size" not in model_over and isinstance(tok, QwenBPE):
         cfg = cfg.replace(**{"thinker.vocab_size": tok.vocab_size})    # a row for every id the tokenizer has

@@ -245,7 +245,8 @@ class SpeechPieces:
 
     Two recipes, same speaker, 40-160 ms of silence between the pieces: digit pieces (digit strings and single
     digits) joined into 2-4 digits, or a colour then a shape ("red" + "circle"). train_tiny.py can give them to
-    the Talker too, at the codec's rate (stage 4, opt-in: --train.s4_spliced)."""
+    the Talker too, at the codec's rate (--train.s4_spliced), and stage 4 joins the same draws' codes instead
+    (train_tiny.CodeSplicer), half of those texts drawn word by word (`draw_words`)."""
 
     def __init__(self, examples: list[dict], root: str | Path = ROOT, rate: int = SAMPLE_RATE):
         """examples: asr examples (text in "answer") or utterances from `load_speech` (text in "transcript", their
@@ -306,6 +307,19 @@ class SpeechPieces:
                 chosen.append(ex)
                 n += len(self.text(ex).split())
         return spk, chosen, [float(rng.uniform(0.04, 0.16)) for _ in chosen[1:]]     # 40-160 ms between pieces
+
+    def draw_words(self, rng: np.random.Generator,
+                   avoid: frozenset[str] = frozenset()) -> tuple[str, list[dict], list[float]]:
+        """Like `draw`, but 2-4 digits each from a recording of that one digit: a join between every two words
+        (a `draw` of digit strings mostly joins two strings once)."""
+        while True:
+            spk = self.speakers[int(rng.integers(len(self.speakers)))]
+            singles = [ex for ex in self.pieces[(spk, "digits")] if len(self.text(ex).split()) == 1]
+            if not singles:
+                return self._draw(rng)
+            chosen = [singles[int(rng.integers(len(singles)))] for _ in range(int(rng.integers(2, 5)))]
+            if " ".join(self.text(ex) for ex in chosen) not in avoid:
+                return spk, chosen, [float(rng.uniform(0.04, 0.16)) for _ in chosen[1:]]
 
     def _pick(self, rng, spk, kind) -> dict:
         group = self.pieces[(spk, kind)]

@@ -137,6 +137,8 @@ def test_bad_runs_are_refused_with_a_reason(quick_run, tmp_path):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "z"), "--train.tokenizer=words"])
     with pytest.raises(SystemExit, match=r"--train.s4_fresh \(5\) must lie between 0 and --train.s4_batch_size \(4\)"):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "w"), "--train.s4_fresh=5"])
+    with pytest.raises(SystemExit, match=r"--train.s4_words \(1.5\) must lie between 0 and 1"):
+        train_tiny.main(QUICK + ["--out", str(tmp_path / "w"), "--train.s4_words=1.5"])
     assert not (tmp_path / "w").exists()                        # refused before anything is written
 
 
@@ -378,21 +380,23 @@ def test_talker_learns_to_speak_spliced_utterances():
                                          rate=24000)[0]["transcript"] not in {u["transcript"] for u in out}
 
 
-def test_talker_fresh_texts_join_the_pieces_codes(quick_run):
+@pytest.mark.parametrize("words", [0.0, 0.5, 1.0])
+def test_talker_fresh_texts_join_the_pieces_codes(quick_run, words):
     """--train.s4_fresh: a fresh item says what SpeechPieces draws (never a held-out transcript), its codes the
     pieces' own codes with silence codes for each pause, 50 per second; the same generator gives the same items;
-    the Thinker's rows read in a padded batch equal those read one conversation at a time."""
+    the Thinker's rows read in a padded batch equal those read one conversation at a time. --train.s4_words: that
+    share of the texts is drawn word by word, 2-4 digits each from a recording of that one digit."""
     from types import SimpleNamespace
 
     import numpy as np
 
     from nano_omni.codec import SpeechCodec
-    from nano_omni.data import SpeechPieces, load_speech
+    from nano_omni.data import DIGIT_WORDS, SpeechPieces, load_speech
 
     ck = quick_run / "checkpoint"
     model, tok = load_model(ck, dtype=torch.float32)
     run = SimpleNamespace(model=model.eval(), tok=tok, cfg=model.cfg, device=torch.device("cpu"),
-                          codec=SpeechCodec.load(ck / "codec.safetensors"))
+                          codec=SpeechCodec.load(ck / "codec.safetensors"), t=SimpleNamespace(s4_words=words))
     utts = load_speech("train", speakers={"kal16"})
     codes = [run.codec.encode(u["wav"]) for u in utts]
     splicer = train_tiny.CodeSplicer(run, utts, codes)
@@ -400,9 +404,14 @@ def test_talker_fresh_texts_join_the_pieces_codes(quick_run):
     assert len(items) == 8 and len({tuple(it["reply_ids"]) for it in items}) > 4
     by_audio = {u["audio"]: c for u, c in zip(utts, codes)}
     silence = int(run.codec.encode(torch.zeros(4800))[0])
-    rng, texts = np.random.default_rng(5), []
+    rng, texts, word_by_word = np.random.default_rng(5), [], 0
     for it in items:
-        spk, chosen, gaps = splicer.pieces.draw(rng, splicer.avoid)
+        if words and rng.random() < words:
+            spk, chosen, gaps = splicer.pieces.draw_words(rng, splicer.avoid)
+            assert 2 <= len(chosen) <= 4 and all(SpeechPieces.text(ex) in DIGIT_WORDS for ex in chosen)
+            word_by_word += 1
+        else:
+            spk, chosen, gaps = splicer.pieces.draw(rng, splicer.avoid)
         texts.append(" ".join(SpeechPieces.text(ex) for ex in chosen))
         assert texts[-1] not in train_tiny.held_out_transcripts() and it["reply_ids"] == tok.encode(texts[-1])
         expect = [by_audio[chosen[0]["audio"]]]
@@ -411,6 +420,7 @@ def test_talker_fresh_texts_join_the_pieces_codes(quick_run):
             expect += [torch.full((round(gap * 50),), silence), by_audio[ex["audio"]]]
         assert torch.equal(it["codes"], torch.cat(expect))
         assert spk == "kal16" and it["spk"] == train_tiny.speaker_ids(run.cfg)["kal16"]
+    assert (word_by_word == 8) if words == 1 else (0 < word_by_word < 8) if words else word_by_word == 0
     for it, text in zip(items, texts):                 # the padded batch's rows are each conversation's own
         alone = train_tiny.text_track_items(run, [text], ["kal16"], [it["codes"]])[0]
         assert alone["prompt_ids"] == it["prompt_ids"]
