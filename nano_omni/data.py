@@ -315,8 +315,8 @@ class SpeechPieces:
         while True:
             spk = self.speakers[int(rng.integers(len(self.speakers)))]
             singles = [ex for ex in self.pieces[(spk, "digits")] if len(self.text(ex).split()) == 1]
-            if not singles:
-                return self._draw(rng)
+            if not singles:                             # this voice recorded no digit alone
+                return self.draw(rng, avoid)
             chosen = [singles[int(rng.integers(len(singles)))] for _ in range(int(rng.integers(2, 5)))]
             if " ".join(self.text(ex) for ex in chosen) not in avoid:
                 return spk, chosen, [float(rng.uniform(0.04, 0.16)) for _ in chosen[1:]]

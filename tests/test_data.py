@@ -212,6 +212,8 @@ def test_fresh_text_items_are_right_and_never_held_out(data_copy):
 def test_spliced_speech_says_new_word_sequences():
     """Fresh asr items: recordings of one speaker joined by 40-160 ms of silence; 2-4 digits or a colour and a
     shape; the transcript is the pieces' transcripts in order, never a held-out one."""
+    import itertools
+
     import numpy as np
 
     from nano_omni.data import DIGIT_WORDS, SpeechPieces
@@ -234,6 +236,19 @@ def test_spliced_speech_says_new_word_sequences():
         silence = len(wav) - sum(len(pieces.wav(u)) for u in used)
         assert 0.04 * rate * (len(used) - 1) - 1 <= silence <= 0.16 * rate * (len(used) - 1) + 1
     assert kinds == {True, False}                                                  # both recipes are drawn
+    # draw_words (the Talker's word-by-word texts): 2-4 single-digit recordings of one voice, never `avoid`;
+    # a voice that recorded no digit alone falls back on `draw`
+    singles = {e["answer"] for e in ex if e["answer"] in DIGIT_WORDS}
+    avoid = frozenset(" ".join(w) for w in itertools.product(sorted(singles), repeat=2))   # no two-digit texts
+    for seed in range(40):
+        spk, chosen, gaps = pieces.draw_words(np.random.default_rng(seed), avoid)
+        assert 3 <= len(chosen) <= 4 and len(gaps) == len(chosen) - 1 and all(0.04 <= g <= 0.16 for g in gaps)
+        assert {c["speaker"] for c in chosen} == {spk} and all(c["answer"] in DIGIT_WORDS for c in chosen)
+    strings_only = SpeechPieces([e for e in ex if e["answer"] not in DIGIT_WORDS])
+    for seed in range(10):
+        spk, chosen, gaps = strings_only.draw_words(np.random.default_rng(seed), avoid)
+        text = " ".join(c["answer"] for c in chosen)
+        assert text not in avoid and not any(c["answer"] in DIGIT_WORDS for c in chosen)
     # in ThinkerData: a held-out transcript is drawn again, and a batch replaces every other asr item
     tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
     slt = [e for e in ex if e["speaker"] == "slt"][:40]
