@@ -120,7 +120,7 @@ class TrainConfig:
                                    # over seeds 0-2: 32.2 % with the fixed pool below, 23.6 % fresh (README)
     s4_words: float = 0.5          # stage 4: the share of fresh texts spliced word by word, a digit recording per
                                    # digit (SpeechPieces.draw_words); generated speech, mean WER over seeds 0-2:
-                                   # 0 23.6 %, 0.5 15.1 %, 1 20.0 % (README, "Word by word")
+                                   # 0 23.6, 0.25 16.9, 0.5 15.1, 0.75 15.7, 1 20.0 % (README)
     s4_spliced: int = 1800         # with s4_fresh=0: a fixed pool of spliced utterances beside the recordings (with
                                    # fresh_speech); they hurt the 2-layer Talker of the byte model, help the 4-layer
                                    # one (generated speech, mean WER: none 50.4 %, 900 46.3 %, 1,800 40.1 %)
