@@ -676,12 +676,12 @@ class CodeSplicer:
         self.silence = int(run.codec.encode(torch.zeros(run.cfg.vocoder.sample_rate // 5))[0])
         self.per_second = run.cfg.vocoder.sample_rate // (run.cfg.vocoder.hop_length * run.codec.frames_per_code)
         self.avoid = held_out_transcripts()
-        self.words = run.t.s4_words
 
     def items(self, n: int, rng: np.random.Generator) -> list[dict]:
         texts, speakers, codes = [], [], []
         for _ in range(n):
-            word_by_word = self.words > 0 and rng.random() < self.words
+            words = self.run.t.s4_words                  # the share drawn word by word; 0 leaves rng untouched
+            word_by_word = words > 0 and rng.random() < words
             spk, chosen, gaps = (self.pieces.draw_words if word_by_word else self.pieces.draw)(rng, self.avoid)
             parts = [self.codes[chosen[0]["audio"]]]
             for ex, gap in zip(chosen[1:], gaps):

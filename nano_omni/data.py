@@ -306,7 +306,7 @@ class SpeechPieces:
                 ex = fits[int(rng.integers(len(fits)))]
                 chosen.append(ex)
                 n += len(self.text(ex).split())
-        return spk, chosen, [float(rng.uniform(0.04, 0.16)) for _ in chosen[1:]]     # 40-160 ms between pieces
+        return spk, chosen, self._pauses(rng, chosen)
 
     def draw_words(self, rng: np.random.Generator,
                    avoid: frozenset[str] = frozenset()) -> tuple[str, list[dict], list[float]]:
@@ -319,7 +319,12 @@ class SpeechPieces:
                 return self.draw(rng, avoid)
             chosen = [singles[int(rng.integers(len(singles)))] for _ in range(int(rng.integers(2, 5)))]
             if " ".join(self.text(ex) for ex in chosen) not in avoid:
-                return spk, chosen, [float(rng.uniform(0.04, 0.16)) for _ in chosen[1:]]
+                return spk, chosen, self._pauses(rng, chosen)
+
+    @staticmethod
+    def _pauses(rng: np.random.Generator, chosen: list[dict]) -> list[float]:
+        """The silence before each piece after the first: 40-160 ms, in seconds."""
+        return [float(rng.uniform(0.04, 0.16)) for _ in chosen[1:]]
 
     def _pick(self, rng, spk, kind) -> dict:
         group = self.pieces[(spk, kind)]
