@@ -95,9 +95,11 @@ class TrainConfig:
     s4_lr: float = 2e-3
     s5_steps: int = 40
     s5_beta: float = 0.1
-    s6_steps: int = 700            # 700 -> 1,400 took the 256-code DiT's chain from 53.9 to 39.0 % WER; with 1,024
+    s6_steps: int = 1400           # 700 -> 1,400 took the 256-code DiT's chain from 53.9 to 39.0 % WER; with 1,024
                                    # codes and code_init: 1,000 steps 25.5 %, 700 steps 27.1 % with the same
-                                   # generated-speech WER (40.3 vs 40.1 %) and 66 s less, which pay for s4_spliced
+                                   # generated-speech WER (40.3 vs 40.1 %) and 66 s less, which paid for s4_spliced;
+                                   # with today's Talker and the 1,400-step vocoder, generated speech (mean over
+                                   # voices, seeds 0-2): 700 steps 13.2 %, 1,400 11.3 %, 2,100 11.9 % (README)
     s6_batch_size: int = 16
     s6_lr: float = 3e-3            # was 1e-3: the held-out recordings' own codes through DiT + BigVGAN were heard
                                    # at 96.0 % WER, at 3e-3 69.4 % (6e-3: 70.1 %)
