@@ -4,11 +4,12 @@
     python -m nano_omni.evaluate --checkpoint DIR --write-readme README.md
     python -m nano_omni.evaluate --checkpoint R/checkpoint --readouts   # after `train_tiny.py --out R --stage 1`
     python -m nano_omni.evaluate --checkpoint DIR --tasks asr --seeds 0,1,2   # the speech half, over three seeds
+    python -m nano_omni.evaluate --checkpoint DIR --tasks asr --judge checkpoints/tiny  # heard by a fixed judge
 
 1. Understanding: exact-match accuracy per task (greedy answers).
 2. Speech: every voice speaks every held-out transcript (Thinker -> Talker -> DiT -> BigVGAN, the official sampling
-   defaults with a fixed seed, or once per seed of --seeds); the trained Thinker transcribes it back; word error rate
-   per voice. Also the mel distance (DTW-aligned mean absolute difference of log mels) to the real recording of that
+   defaults with a fixed seed, or once per seed of --seeds); the trained Thinker transcribes it back (or, with
+   --judge, another checkpoint's Thinker); word error rate per voice. Also the mel distance (DTW-aligned mean absolute difference of log mels) to the real recording of that
    text by that voice.
 3. The chain, part by part: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim, and -> their codec
    codes -> DiT -> BigVGAN (the chain without the Talker) or -> the codes' centroids -> Griffin-Lim (what the codes
@@ -112,17 +113,24 @@ def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0, tasks=None,
-             positions: str = "tmrope", with_speech: bool = True, codec=None, seeds: list[int] | None = None) -> dict:
+             positions: str = "tmrope", with_speech: bool = True, codec=None, seeds: list[int] | None = None,
+             judge: tuple | None = None) -> dict:
     """Held-out accuracy per task, then (with_speech) the speech half judged by the model's own Thinker: generated
     speech per voice, and the real test recordings through each part of the chain (their mel through BigVGAN and
     Griffin-Lim; with `codec`, a SpeechCodec, their codes through the DiT and BigVGAN), so that where
     intelligibility is lost can be read off. seeds: speak every text once per sampling seed (the Talker samples,
     and one seed moves a voice's word error rate by several points); the figures are then means over the seeds,
-    each seed's word error rate kept in `wer_by_seed`. Default: [seed]."""
+    each seed's word error rate kept in `wer_by_seed`. Default: [seed]. judge: (model, tokenizer) whose Thinker
+    transcribes the speech instead of `model`'s own: one fixed judge makes the speech figures of two models
+    comparable (each model's own Thinker hears differently; README, "The shipped tiny model")."""
     seeds = list(seeds) if seeds else [seed]
     model.eval()
     cfg = model.cfg
     proc = Processor(cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
+    ear, ear_proc = model, proc
+    if judge is not None:
+        ear = judge[0].eval()
+        ear_proc = Processor(ear.cfg, judge[1], image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
     t0 = time.time()
     # 1. understanding
     ex = load_examples("test", root, tasks=tasks)
@@ -149,7 +157,7 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
             by_seed, dist, examples = {}, [], None
             for s in seeds:
                 wavs = [speak(model, tok, u["transcript"], v, s) for u in mine]
-                heard = transcribe(model, proc, [w if w.numel() > 2400 else torch.zeros(2400) for w in wavs])
+                heard = transcribe(ear, ear_proc, [w if w.numel() > 2400 else torch.zeros(2400) for w in wavs])
                 by_seed[s] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(mine, heard)]))
                 dist += [dtw_distance(mel_of(w), mel_of(u["wav"])) for w, u in zip(wavs, mine) if w.numel() > 2400]
                 examples = examples or [{"text": u["transcript"], "heard": h} for u, h in zip(mine[:3], heard[:3])]
@@ -167,10 +175,10 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
             runs["codes_centroids_griffin_lim"] = [griffin_lim(codec.decode_mel(c).T[None], cfg.vocoder)[0]
                                                    for c in codes]
         for name, ws in runs.items():
-            heard = transcribe(model, proc, ws)
+            heard = transcribe(ear, ear_proc, ws)
             voc[name] = {"wer": float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, heard)])),
                          "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
-        asr_real = transcribe(model, proc, [u["wav"] for u in real])
+        asr_real = transcribe(ear, ear_proc, [u["wav"] for u in real])
         voc["real_recordings_wer"] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real)]))
     return {"accuracy": acc, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
 
@@ -227,6 +235,9 @@ def main(argv=None):
     ap.add_argument("--readouts", action="store_true",
                     help="only what each encoder knows alone, read out through the LLM's output layer (stage 1's "
                          "readouts, nano_omni/readout.py; for a checkpoint right after stage 1)")
+    ap.add_argument("--judge", metavar="CHECKPOINT",
+                    help="transcribe the speech with this checkpoint's Thinker instead of the evaluated model's own "
+                         "(one fixed judge makes two models' speech figures comparable)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu (the README's figures), cuda, mps or auto")
     ap.add_argument("--write-readme", metavar="README", help="write the table into this file between its markers")
@@ -251,15 +262,19 @@ def main(argv=None):
         print(f"read out through the output layer, exact match in %: {res}")
         print(json.dumps({"readouts": res}))
         return
+    judge = load_model(a.judge, dtype=torch.float32, device=model.device) if a.judge else None
     codec_file = Path(a.checkpoint) / "codec.safetensors"
     codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed, seeds=seeds,
                    tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions,
-                   with_speech=not a.no_speech, codec=codec)
+                   with_speech=not a.no_speech, codec=codec, judge=judge)
+    if a.judge:
+        res["judge"] = a.judge
     text = table(res)
     print(text)
     if a.write_readme:
-        cmd = f"python -m nano_omni.evaluate --checkpoint {a.checkpoint}" + (f" --seeds {a.seeds}" if a.seeds else "")
+        cmd = (f"python -m nano_omni.evaluate --checkpoint {a.checkpoint}" + (f" --seeds {a.seeds}" if a.seeds else "")
+               + (f" --judge {a.judge}" if a.judge else ""))
         write_readme(Path(a.write_readme), f"Measured by `{cmd}`:\n\n" + text)
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))

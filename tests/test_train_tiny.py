@@ -287,6 +287,29 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
         evaluate.write_readme(bare, "table")
     assert bare.read_text() == "no markers\n"
 
+def test_evaluate_speech_heard_by_a_fixed_judge(quick_run, tmp_path):
+    """--judge: another checkpoint's Thinker transcribes the speech. The real recordings' rows depend only on the
+    ear, so a quick run judged by the shipped model gets the shipped model's own figures there, not its own (its
+    barely trained Thinker hears next to nothing); a judge that does not exist is refused by name."""
+    from nano_omni import evaluate
+
+    shipped = REPO / "checkpoints" / "tiny"
+    common = ["--tasks", "asr", "--per-task", "1", "--per-voice", "1", "--threads", "1"]
+    res = {}
+    for name, args in (("judged", ["--checkpoint", str(quick_run / "checkpoint"), "--judge", str(shipped)]),
+                       ("shipped", ["--checkpoint", str(shipped)]),
+                       ("own", ["--checkpoint", str(quick_run / "checkpoint")])):
+        evaluate.main([*args, *common, "--json", str(tmp_path / f"{name}.json")])
+        res[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    judged, mine, own = res["judged"]["vocoder"], res["shipped"]["vocoder"], res["own"]["vocoder"]
+    assert res["judged"]["judge"] == str(shipped) and "judge" not in res["own"]
+    assert judged["real_recordings_wer"] == mine["real_recordings_wer"] != own["real_recordings_wer"]
+    assert judged["griffin_lim"]["wer"] == mine["griffin_lim"]["wer"]
+    assert res["judged"]["accuracy"] == res["own"]["accuracy"]          # the answers are still the model's own
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), *common, "--judge", str(tmp_path / "nowhere")])
+
+
 # -- sample.py ---------------------------------------------------------------------------------------------------
 def _sample(*args, check=True):
     res = subprocess.run([sys.executable, str(REPO / "sample.py"), *args], cwd=REPO, capture_output=True, text=True,
