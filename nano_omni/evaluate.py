@@ -9,8 +9,8 @@
 1. Understanding: exact-match accuracy per task (greedy answers).
 2. Speech: every voice speaks every held-out transcript (Thinker -> Talker -> DiT -> BigVGAN, the official sampling
    defaults with a fixed seed, or once per seed of --seeds); the trained Thinker transcribes it back (or, with
-   --judge, another checkpoint's Thinker); word error rate per voice. Also the mel distance (DTW-aligned mean absolute difference of log mels) to the real recording of that
-   text by that voice.
+   --judge, another checkpoint's Thinker); word error rate per voice. Also the mel distance (DTW-aligned mean
+   absolute difference of log mels) to the real recording of that text by that voice.
 3. The chain, part by part: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim, and -> their codec
    codes -> DiT -> BigVGAN (the chain without the Talker) or -> the codes' centroids -> Griffin-Lim (what the codes
    alone hold) -> transcribed -> word error rate, and the mel distance to the original. Read with 2, this says

@@ -287,6 +287,7 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
         evaluate.write_readme(bare, "table")
     assert bare.read_text() == "no markers\n"
 
+
 def test_evaluate_speech_heard_by_a_fixed_judge(quick_run, tmp_path):
     """--judge: another checkpoint's Thinker transcribes the speech. The real recordings' rows depend only on the
     ear, so a quick run judged by the shipped model gets the shipped model's own figures there, not its own (its
