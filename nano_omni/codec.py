@@ -89,7 +89,10 @@ class SpeechCodec:
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save
 
-        meta = {"frames_per_code": str(self.frames_per_code), "vocoder": json.dumps(self.vocoder.__dict__)}
+        # one metadata key: safetensors writes several in an order that changes from process to process, and the
+        # same codec should be the same bytes
+        meta = {"codec": json.dumps({"frames_per_code": self.frames_per_code, "vocoder": self.vocoder.__dict__},
+                                    sort_keys=True)}
         atomic_write_bytes(path, save({"centroids": self.centroids.contiguous()}, metadata=meta))
 
     @classmethod
@@ -103,7 +106,11 @@ class SpeechCodec:
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
                 c = f.get_tensor("centroids")
-            return cls(c, int(meta["frames_per_code"]), VocoderConfig(**json.loads(meta["vocoder"])))
+            if "codec" in meta:
+                meta = json.loads(meta["codec"])
+            else:           # files written before the single key: two keys, the vocoder as a JSON string
+                meta = {"frames_per_code": meta["frames_per_code"], "vocoder": json.loads(meta["vocoder"])}
+            return cls(c, int(meta["frames_per_code"]), VocoderConfig(**meta["vocoder"]))
         except Exception as e:   # safetensors raises its own error types for a bad header
             raise ValueError(f"{path} is not a valid codec file: {e}") from None
 

@@ -107,6 +107,14 @@ def test_codec_is_deterministic_and_round_trips(tmp_path):
     assert err < 0.5 * float(mels[0].var())                  # the centroids explain most of the spectrum
     a.save(tmp_path / "c.safetensors")
     assert torch.equal(SpeechCodec.load(tmp_path / "c.safetensors").encode(utts[0]["wav"]), codes)
+    from safetensors import safe_open
+    from safetensors.torch import save
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:   # one metadata key: the same codec, the same bytes
+        assert list(f.metadata()) == ["codec"]
+    legacy = {"frames_per_code": "2", "vocoder": json.dumps(CFG.vocoder.__dict__)}   # files of earlier runs
+    (tmp_path / "old.safetensors").write_bytes(save({"centroids": a.centroids}, metadata=legacy))
+    old = SpeechCodec.load(tmp_path / "old.safetensors")
+    assert torch.equal(old.centroids, a.centroids) and old.frames_per_code == 2 and old.vocoder == CFG.vocoder
     (tmp_path / "bad.safetensors").write_bytes(b"junk")
     with pytest.raises(ValueError, match="not a valid codec file"):
         SpeechCodec.load(tmp_path / "bad.safetensors")
