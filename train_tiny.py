@@ -81,16 +81,16 @@ class TrainConfig:
     s1_readout_plain: bool = True  # the two readouts at a constant lr after the warm-up, unclipped: the recipe that
                                    # was measured (`evaluate --readouts` after stage 1 at s1_lr 2e-3: transcripts
                                    # spelled 41.3 vs 33.7 % under cosine + clipping, shapes 43.0 vs 45.3 %; the
-                                   # paper parts' batch order alone moves the first by 9 points: README)
+                                   # paper parts' batch order alone moves the first by 9 points: docs/experiments.md)
     frozen_vision: bool = True     # stages 2 and 3: the vision encoder keeps the weights stage 1 gave it (trained
-                                   # on, stage 2's first steps undo what the readout taught: README, "Encoders that
-                                   # learn before they meet the LLM")
+                                   # on, stage 2's first steps undo what the readout taught: docs/experiments.md,
+                                   # "Encoders that learn before they meet the LLM")
     s2_steps: int = 7950           # 318 rounds of task_turns' 25 steps (was 7,000 in 11-step rounds: video 636 steps)
     s3_steps: int = 120
     s3_items: int = 3              # examples per conversation in stage 3
     s3_lr: float = 2e-4            # a tenth of stage 2's: at stage 2's own rate these 120 steps undid most of what
                                    # stage 2 taught (held-out asr 43.5 % -> 8.7 %, video 90 -> 68 %)
-    s4_steps: int = 2000           # (1,800 with the other budgets trimmed: README, "The shipped tiny model")
+    s4_steps: int = 2000           # (1,800 with the other budgets trimmed: docs/experiments.md)
     s4_batch_size: int = 16
     s4_lr: float = 2e-3
     s5_steps: int = 40
@@ -99,14 +99,16 @@ class TrainConfig:
                                    # codes and code_init: 1,000 steps 25.5 %, 700 steps 27.1 % with the same
                                    # generated-speech WER (40.3 vs 40.1 %) and 66 s less, which paid for s4_spliced;
                                    # with today's Talker and the 1,400-step vocoder, generated speech (mean over
-                                   # voices, seeds 0-2): 700 steps 13.2 %, 1,400 11.3 %, 2,100 11.9 % (README)
+                                   # voices, seeds 0-2): 700 steps 13.2 %, 1,400 11.3 %, 2,100 11.9 %
+                                   # (docs/experiments.md)
     s6_batch_size: int = 16
     s6_lr: float = 3e-3            # was 1e-3: the held-out recordings' own codes through DiT + BigVGAN were heard
                                    # at 96.0 % WER, at 3e-3 69.4 % (6e-3: 70.1 %)
     s6_frames: int = 192           # training crops of the DiT, mel frames
     s7_steps: int = 2100           # was 700: BigVGAN on the held-out recordings' mels heard at 13.7 %, at 1,400
                                    # 9.9 %, at 2,100 8.1 %; generated speech (mean over voices and seeds 0-2) with
-                                   # the 1,400-step DiT: 11.3 % at 1,400, 10.5 % at 2,100 (README; 600: 18.6 %)
+                                   # the 1,400-step DiT: 11.3 % at 1,400, 10.5 % at 2,100 (600: 18.6 %;
+                                   # docs/experiments.md)
     s7_batch_size: int = 8
     s7_lr: float = 6e-3            # was 1e-3: BigVGAN on the held-out recordings' mels was heard at 83.5 % WER,
                                    # at 3e-3 61.5 %, at 6e-3 58.3 %
@@ -115,21 +117,23 @@ class TrainConfig:
                                    # budget: ASR alone, 400 steps, held-out exact match 23 % with it, 30 % without)
     fresh_pictures: bool = True    # stage 2: a newly drawn picture for every picture-task item (nano_omni/toy.py)
     fresh_text: bool = True        # stage 2: a new question for every text_copy / text_count item (never a test one;
-                                   # with 3 text_count turns: README, "Encoders that learn before they meet the LLM")
+                                   # with 3 text_count turns: docs/experiments.md, "Encoders that learn before they
+                                   # meet the LLM")
     fresh_speech: bool = True      # stage 2: every other asr item a spliced utterance, a word sequence no recording
                                    # says (data.SpeechPieces; never a held-out transcript)
     s4_fresh: int = 12             # stage 4: items of each batch of 16 spliced anew from the recordings' codes
                                    # (CodeSplicer), the other 4 recordings; the Talker's generated speech, mean WER
-                                   # over seeds 0-2: 32.2 % with the fixed pool below, 23.6 % fresh (README)
+                                   # over seeds 0-2: 32.2 % with the fixed pool below, 23.6 % fresh
+                                   # (docs/experiments.md)
     s4_words: float = 0.5          # stage 4: the share of fresh texts spliced word by word, a digit recording per
                                    # digit (SpeechPieces.draw_words); generated speech, mean WER over seeds 0-2:
-                                   # 0 23.6, 0.25 16.9, 0.5 15.1, 0.75 15.7, 1 20.0 % (README)
+                                   # 0 23.6, 0.25 16.9, 0.5 15.1, 0.75 15.7, 1 20.0 % (docs/experiments.md)
     s4_spliced: int = 1800         # with s4_fresh=0: a fixed pool of spliced utterances beside the recordings (with
                                    # fresh_speech); they hurt the 2-layer Talker of the byte model, help the 4-layer
                                    # one (generated speech, mean WER: none 50.4 %, 900 46.3 %, 1,800 40.1 %)
     code_init: bool = True         # stages 4 and 6: the Talker's and the DiT's code rows start at the codec centroids'
-                                   # principal coordinates (centroid_rows; README: the DiT did not learn 1,024 codes
-                                   # from random rows)
+                                   # principal coordinates (centroid_rows; docs/experiments.md: the DiT did not
+                                   # learn 1,024 codes from random rows)
     tokenizer: str = "bpe"         # a new run's text tokenizer: "bpe" (Qwen's BPE, merges learnt on the toy texts:
                                    # a word is one token) or "bytes" (one token per byte); a run keeps the one it began with
     task_batches: bool = True      # stages 1-2: every batch holds one task, tasks take turns (else: mixed batches)
@@ -150,7 +154,8 @@ QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s1_vis_ste
              s7_steps=3, s7_batch_size=2, s7_frames=16, ckpt_every=2, subset=6)
 
 
-N_CODES = 1024   # the trained tiny model's codebook (codec.py); was 256: README, "Where the speech loses its words"
+N_CODES = 1024   # the trained tiny model's codebook (codec.py); was 256: docs/experiments.md, "Where the speech
+                 # loses its words"
 
 
 def model_config(preset: str) -> OmniConfig:
@@ -175,7 +180,8 @@ def model_config(preset: str) -> OmniConfig:
 
 def run_tokenizer(out: Path, cfg: OmniConfig, kind: str):
     """The run's tokenizer: the one its checkpoint holds (BPE files, or none: bytes), else a new one of `kind`.
-    "bpe" is learnt on the toy corpus, its merges on the ids after the voices' tokens (README: words against bytes).
+    "bpe" is learnt on the toy corpus, its merges on the ids after the voices' tokens (docs/experiments.md, "Words
+    against bytes").
     The voices' tokens (which start the Talker's codec track) are special tokens of either, so that every id the
     Thinker can write decodes."""
     if kind not in ("bpe", "bytes"):
@@ -655,8 +661,8 @@ def talker_batch(run: Run, items: list[dict], codes_list=None):
 def spliced_utterances(utts: list[dict], n: int, seed: int, avoid: frozenset[str], rate: int) -> list[dict]:
     """n new utterances for the Talker to speak, each recordings of one voice joined (data.SpeechPieces, at the
     codec's rate), none saying a held-out transcript: new texts to speak, since the Talker otherwise learns each
-    recorded text's codes whole (--train.s4_spliced; README: they help the 4-layer Talker, and hurt the 2-layer one
-    it had before)."""
+    recorded text's codes whole (--train.s4_spliced; docs/experiments.md: they help the 4-layer Talker, and hurt
+    the 2-layer one it had before)."""
     pieces = SpeechPieces(utts, rate=rate)                    # utts: from load_speech, their waveforms at `rate`
     rng = np.random.default_rng(seed)
     out = []
@@ -671,7 +677,7 @@ class CodeSplicer:
     the code level instead (each piece's codes, then silence codes for the pause before the next piece), so no
     waveform is built or encoded; the Thinker reads the batch's conversations at once. Never a held-out transcript.
     Against a fixed pool of spliced utterances, the Talker meets a new text almost every time and cannot learn
-    the texts' codes whole (README, "Where the speech loses its words")."""
+    the texts' codes whole (docs/experiments.md, "Where the speech loses its words")."""
 
     def __init__(self, run: Run, utts: list[dict], codes: list[torch.Tensor]):
         self.run, self.pieces = run, SpeechPieces(utts, rate=run.cfg.vocoder.sample_rate)

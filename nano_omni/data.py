@@ -30,7 +30,7 @@ ALPHABET = re.compile(r"^[a-z :?.,']*$")      # questions, answers and transcrip
 SYSTEM = None                                 # the tiny models are trained without a system prompt
 IMAGE_PIXELS = (84 * 84, 84 * 84)             # the toy images stay at their own size: 3x3 tokens (read at 168 px,
                                               # 6x6, shape alone is learnt far sooner, but a picture step costs
-                                              # 2.4x as much: README, "Tried and not kept")
+                                              # 2.4x as much: docs/experiments.md, "Tried and not kept")
 VIDEO_PIXELS = (56 * 56, 56 * 56)             # video frames: 2x2 tokens per frame pair
 
 

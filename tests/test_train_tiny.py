@@ -80,21 +80,25 @@ def test_resume_repeats_the_losses_of_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(torch.tensor(_losses(b, stage)), torch.tensor(_losses(a, stage)), rtol=0, atol=1e-5)
 
 
-def _one_and_two_processes(tmp_path, extra: list[str], port: int, stages=(2,)) -> tuple[Path, Path]:
-    """The same short run of `stages` in one process and, under torchrun, in two (gloo on CPU)."""
+def _one_and_two_processes(tmp_path, extra: list[str], stages=(2,)) -> tuple[Path, Path]:
+    """The same short run of `stages` in one process and, under torchrun, in two (gloo on CPU). torchrun picks a
+    free port (--standalone) and keeps each rank's own output in files; a failed run shows their last lines (an
+    FSDP run lost a rank to SIGABRT in one CI run of seven, and torchrun's own summary could not say why)."""
     args = QUICK + [a for s in stages for a in ("--stage", str(s))] + ["--train.s2_steps=4", "--train.batch_size=6"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, two, logs = tmp_path / "one", tmp_path / "two", tmp_path / "rank_logs"
     train_tiny.main(args + ["--out", str(one)])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           str(REPO / "train_tiny.py")] + args + extra + ["--out", str(two)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", f"--log-dir={logs}",
+           "--redirects=3", str(REPO / "train_tiny.py")] + args + extra + ["--out", str(two)]
     res = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    ranks = "".join(f"\n--- {f.relative_to(logs)}\n{f.read_text(errors='replace')[-1500:]}"
+                    for f in sorted(logs.rglob("std*.log")))
+    assert res.returncode == 0, res.stderr[-1500:] + ranks
     return one, two
 
 
 def test_two_ddp_processes_give_the_loss_of_one(tmp_path):
-    one, two = _one_and_two_processes(tmp_path, [], 29613, stages=(1, 2))
+    one, two = _one_and_two_processes(tmp_path, [], stages=(1, 2))
     for log in ("1_encoders_vision", "1_encoders_audio", "1_encoders_proj", "2_multimodal"):
         torch.testing.assert_close(torch.tensor(_losses(two, log)), torch.tensor(_losses(one, log)), rtol=0, atol=1e-4,
                                    msg=log)
@@ -102,7 +106,7 @@ def test_two_ddp_processes_give_the_loss_of_one(tmp_path):
 
 def test_fsdp_two_processes_give_the_loss_and_weights_of_one(tmp_path):
     """Sharded (FSDP2, gloo on CPU) training reproduces the unsharded run: same losses, same final weights."""
-    one, two = _one_and_two_processes(tmp_path, ["--fsdp"], 29614)
+    one, two = _one_and_two_processes(tmp_path, ["--fsdp"])
     torch.testing.assert_close(torch.tensor(_losses(two, "2_multimodal")), torch.tensor(_losses(one, "2_multimodal")),
                                rtol=0, atol=1e-4)
     a, _ = load_model(one / "checkpoint", dtype=torch.float32)
@@ -114,7 +118,7 @@ def test_fsdp_two_processes_give_the_loss_and_weights_of_one(tmp_path):
     # shards. The losses match; the
     # weights after stage 2 differ from one process's by up to ~1e-3 here, as DDP's do: stage 1's rounding,
     # magnified by AdamW where a gradient is near zero
-    one, two = _one_and_two_processes(tmp_path / "s12", ["--fsdp"], 29615, stages=(1, 2))
+    one, two = _one_and_two_processes(tmp_path / "s12", ["--fsdp"], stages=(1, 2))
     for log in ("1_encoders_proj", "1_encoders_enc", "1_encoders_vision", "1_encoders_audio", "2_multimodal"):
         torch.testing.assert_close(torch.tensor(_losses(two, log)), torch.tensor(_losses(one, log)), rtol=0, atol=1e-4,
                                    msg=log)
