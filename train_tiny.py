@@ -93,8 +93,16 @@ class TrainConfig:
     s4_steps: int = 2000           # (1,800 with the other budgets trimmed: docs/experiments.md)
     s4_batch_size: int = 16
     s4_lr: float = 2e-3
-    s5_steps: int = 40
-    s5_beta: float = 0.1
+    s5_steps: int = 40             # stage 5 (--dpo), preference steps for the Talker; measured (docs/experiments.md,
+    s5_beta: float = 0.1           # "Preferences for the Talker"): 120 steps, or 2e-4, pulled it away from stage 4
+    s5_lr: float = 5e-5            # and its speech got worse; these settings gained 0.4 points over six seeds
+    s5_batch_size: int = 8         # pairs per step
+    s5_texts: int = 256            # texts the Talker speaks for its pairs, --train.s5_samples times each; the best
+    s5_samples: int = 4            # heard is preferred over the worst heard
+    s5_fresh: bool = True          # the texts spliced anew (CodeSplicer: new word orders, as the held-out texts are)
+                                   # instead of the training recordings' own, which it speaks almost without error
+    s5_length_ties: bool = False   # samples heard equally well ranked by how close their length is to the
+                                   # recording's (false: such a text gives no pair)
     s6_steps: int = 1400           # 700 -> 1,400 took the 256-code DiT's chain from 53.9 to 39.0 % WER; with 1,024
                                    # codes and code_init: 1,000 steps 25.5 %, 700 steps 27.1 % with the same
                                    # generated-speech WER (40.3 vs 40.1 %) and 66 s less, which paid for s4_spliced;
@@ -150,7 +158,7 @@ class TrainConfig:
 
 
 QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s1_vis_steps=2, s1_audio_steps=2, s2_steps=4,
-             s3_steps=2, s4_steps=3, s4_batch_size=4, s4_fresh=3, s5_steps=2, s6_steps=3, s6_batch_size=4, s6_frames=96,
+             s3_steps=2, s4_steps=3, s4_batch_size=4, s4_fresh=3, s5_steps=2, s5_texts=8, s5_samples=2, s6_steps=3, s6_batch_size=4, s6_frames=96,
              s7_steps=3, s7_batch_size=2, s7_frames=16, ckpt_every=2, subset=6)
 
 
@@ -620,7 +628,7 @@ def text_track_items(run: Run, texts: list[str], speakers: list[str], codes: lis
             start = len(i) - len(reply) - 2                                 # the reply, then <|im_end|>\n
             items.append(dict(prompt=rows[b, :start], prompt_ids=i[:start], reply=rows[b, start: start + len(reply)],
                               reply_ids=reply, spk=spk[speakers[k + b]], codes=codes[k + b].to(run.device),
-                              eos=eos_pad[0], pad=eos_pad[1]))
+                              eos=eos_pad[0], pad=eos_pad[1], text=texts[k + b], speaker=speakers[k + b]))
     return items
 
 
@@ -751,38 +759,45 @@ def sequence_logprob(run: Run, talker, items, codes_list) -> torch.Tensor:
 def stage_dpo(run: Run) -> dict:
     """Direct preference optimisation (Rafailov et al. 2023), as the paper's Talker stage 2:
         L = -log sigmoid( beta [ (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)) ] )
-    For each text, two sampled code sequences are made into speech and transcribed by the trained Thinker; the
-    one with the lower word error rate is preferred (y_w), the other rejected (y_l); on equal error rates, the one
-    whose length is closer to the real recording's (the paper also ranks by pauses, i.e. timing). ref is a
-    frozen copy."""
+    The Talker speaks --train.s5_texts texts --train.s5_samples times each (spliced anew, or the training
+    recordings' own); the trained Thinker transcribes every sample; the best heard (lowest word error rate) is
+    preferred (y_w), the worst heard rejected (y_l). With --train.s5_length_ties, equal error rates are ranked by
+    how close the length is to the recording's (the paper also ranks by timing); without, a text whose samples are
+    all heard alike gives no pair. ref is a frozen copy of the Talker stage 4 left."""
     import copy
 
     from nano_omni.evaluate import transcribe, word_error_rate   # the Thinker as a speech recogniser
 
     t = run.t
-    utts = _speech_subset(load_speech("train"), t.subset or 16)
-    items = talker_items(run, utts)
+    speech = _speech_subset(load_speech("train", sample_rate=run.cfg.vocoder.sample_rate), t.subset)
+    if t.s5_fresh:
+        splicer = CodeSplicer(run, speech, [run.codec.encode(u["wav"]) for u in speech])
+        items = splicer.items(t.s5_texts, np.random.default_rng([t.seed + 5, 0]))
+    else:
+        voices = len({u["speaker"] for u in speech})
+        items = talker_items(run, _speech_subset(speech, -(-t.s5_texts // voices)))
     ref = copy.deepcopy(run.model.talker).eval().requires_grad_(False)
-    pairs = []
-    for it, u in zip(items, utts):   # two samples per text, ranked by how well the Thinker hears them
-        cands = []
-        for s in range(2):
-            codes = sample_codes(run, it, seed=t.seed * 7 + s)
-            if codes.numel() < 2:
-                continue
-            v = run.model.voice(u["speaker"])                # on the model's device
-            wav = run.model.token2wav(codes[None], v.cond, v.ref_mel)[0]
-            heard = transcribe(run.model, run.proc, [wav])[0]
-            cands.append(((word_error_rate(u["transcript"], heard), abs(codes.numel() - it["codes"].numel())), codes))
-        if len(cands) == 2 and cands[0][0] != cands[1][0]:
-            cands.sort(key=lambda c: c[0])
-            pairs.append((it, cands[0][1], cands[1][1]))
+    samples, wavs = [], []                 # (item index, codes), and their speech
+    with torch.no_grad():
+        for k, it in enumerate(items):
+            v = run.model.voice(it["speaker"])                   # on the model's device
+            for s in range(t.s5_samples):
+                codes = sample_codes(run, it, seed=(t.seed * 7 + s) * 100_003 + k)
+                if codes.numel() >= 2:
+                    samples.append((k, codes))
+                    wavs.append(run.model.token2wav(codes[None], v.cond, v.ref_mel)[0])
+        heard = transcribe(run.model, run.proc, wavs)
+    pairs = preference_pairs(items, samples, heard, t.s5_length_ties)
     if not pairs:
-        return {"stage": "5_dpo", "skipped": "no pair of samples differed in word error rate or length"}
+        return {"stage": "5_dpo", "skipped": "no text's samples differed in word error rate or length"}
     run.model.talker.requires_grad_(True)
+    if run.rank == 0:
+        wer = np.mean([word_error_rate(items[k]["text"], h) for (k, _), h in zip(samples, heard)])
+        print(f"stage 5: {len(pairs)} preference pairs from {len(items)} texts, {len(samples)} samples; the Thinker "
+              f"heard the samples at {100 * wer:.1f} % WER")
 
     def loss_fn(step, module):
-        idx = local_share(step_indices(len(pairs), min(4, len(pairs)), step, t.seed + 5))
+        idx = local_share(step_indices(len(pairs), min(t.s5_batch_size, len(pairs)), step, t.seed + 5))
         its = [pairs[i][0] for i in idx]
         win, lose = [pairs[i][1] for i in idx], [pairs[i][2] for i in idx]
         with torch.no_grad():
@@ -791,7 +806,27 @@ def stage_dpo(run: Run) -> dict:
         loss_sum = -F.logsigmoid(t.s5_beta * (margin - ref_margin)).sum()
         return token_mean_loss(loss_sum, len(idx))
 
-    return run.loop(5, "dpo", run.model.talker.parameters(), t.s5_steps, t.s4_lr * 0.1, loss_fn, run.model.talker)
+    return run.loop(5, "dpo", run.model.talker.parameters(), t.s5_steps, t.s5_lr, loss_fn, run.model.talker)
+
+
+def preference_pairs(items: list[dict], samples: list[tuple[int, torch.Tensor]], heard: list[str],
+                     length_ties: bool) -> list[tuple[dict, torch.Tensor, torch.Tensor]]:
+    """(item, preferred codes, rejected codes) per text whose samples were heard differently: samples are
+    (item index, codes), heard the Thinker's transcript of each. Ranked by word error rate against the item's
+    text, then (length_ties) by how far the length is from the item's own codes; the first of equals stays first."""
+    from nano_omni.evaluate import word_error_rate
+
+    ranked: dict[int, list] = {}
+    for (k, codes), h in zip(samples, heard):
+        key = (word_error_rate(items[k]["text"], h),
+               abs(codes.numel() - items[k]["codes"].numel()) if length_ties else 0)
+        ranked.setdefault(k, []).append((key, codes))
+    pairs = []
+    for k, cands in ranked.items():
+        cands.sort(key=lambda c: c[0])
+        if len(cands) >= 2 and cands[0][0] != cands[-1][0]:
+            pairs.append((items[k], cands[0][1], cands[-1][1]))
+    return pairs
 
 
 @torch.no_grad()

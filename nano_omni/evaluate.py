@@ -103,12 +103,14 @@ def transcribe(model, proc: Processor, wavs_24k: list[torch.Tensor], batch: int 
     return texts
 
 
-def speak(model, tok, text: str, voice: str, seed: int = 0) -> torch.Tensor:
-    """A 24-kHz waveform of `voice` saying `text` (the tiny models' speaking prompt, as in training)."""
+def speak(model, tok, text: str, voice: str, seed: int = 0, max_codes: int = 500) -> torch.Tensor:
+    """A 24-kHz waveform of `voice` saying `text` (the tiny models' speaking prompt, as in training). At most
+    `max_codes` codes (10 s): a Talker that never stops is heard babbling, not left to fill its context."""
     from .data import SYSTEM as system
 
     prompt = tok.encode(chat_template([{"role": "user", "content": f"say: {text}"}], system=system))
-    return model.say(torch.tensor([prompt], device=model.device), tok.encode(text), voice, seed=seed)[1].cpu()
+    return model.say(torch.tensor([prompt], device=model.device), tok.encode(text), voice, seed=seed,
+                     talker_kw={"max_new_tokens": max_codes})[1].cpu()
 
 
 @torch.no_grad()

@@ -315,6 +315,41 @@ def test_evaluate_speech_heard_by_a_fixed_judge(quick_run, tmp_path):
         evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), *common, "--judge", str(tmp_path / "nowhere")])
 
 
+def test_evaluate_caps_a_talker_that_never_stops(quick_run, monkeypatch):
+    """evaluate.speak stops the Talker after max_codes codes: a Talker that never writes its stop code is heard
+    babbling for that long instead of filling its context (where generation would fail)."""
+    from nano_omni import evaluate
+
+    model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
+    tc = model.cfg.talker
+    real_head = model.talker.codec_head.forward
+    def never_stop(x):                     # the stop and pad codes never win
+        logits = real_head(x)
+        logits[..., [tc.codec_eos, tc.codec_pad]] = -1e9
+        return logits
+    monkeypatch.setattr(model.talker.codec_head, "forward", never_stop)
+    per_code = model.cfg.vocoder.sample_rate // 50                       # 50 codes a second
+    for cap in (4, 9):
+        wav = evaluate.speak(model, tok, "seven", "slt", max_codes=cap)
+        assert wav.numel() == cap * per_code, cap
+
+
+def test_dpo_pairs_prefer_the_best_heard_sample():
+    """Stage 5's pairs: per text, the sample heard with the fewest errors against the one heard with the most; a
+    text whose samples are all heard alike gives no pair unless lengths break the tie (--train.s5_length_ties)."""
+    items = [{"text": "one two", "codes": torch.zeros(10)}, {"text": "red star", "codes": torch.zeros(6)},
+             {"text": "nine", "codes": torch.zeros(4)}]
+    c = {n: torch.arange(n) for n in (3, 5, 6, 8, 12)}
+    samples = [(0, c[8]), (0, c[12]), (0, c[5]), (1, c[6]), (1, c[8]), (2, c[3])]
+    heard = ["one", "one two", "one one one", "red star", "red star", "nine"]
+    pairs = train_tiny.preference_pairs(items, samples, heard, length_ties=False)
+    assert len(pairs) == 1                                  # text 1 heard alike twice, text 2 sampled once
+    it, win, lose = pairs[0]
+    assert it is items[0] and win is c[12] and lose is c[5]     # WER 0 preferred over WER 1.5
+    pairs = train_tiny.preference_pairs(items, samples, heard, length_ties=True)
+    assert [(p[0]["text"], len(p[1]), len(p[2])) for p in pairs] == [("one two", 12, 5), ("red star", 6, 8)]
+
+
 # -- sample.py ---------------------------------------------------------------------------------------------------
 def _sample(*args, check=True):
     res = subprocess.run([sys.executable, str(REPO / "sample.py"), *args], cwd=REPO, capture_output=True, text=True,
