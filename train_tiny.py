@@ -1039,6 +1039,9 @@ def main(argv=None):
     if not 0 <= tcfg.s4_words <= 1:
         raise SystemExit(f"--train.s4_words ({tcfg.s4_words}) must lie between 0 and 1: it is the share of the "
                          f"Talker's fresh texts spliced word by word")
+    if tcfg.s5_samples < 2 or tcfg.s5_texts < 1:
+        raise SystemExit(f"--train.s5_samples ({tcfg.s5_samples}) must be at least 2 and --train.s5_texts "
+                         f"({tcfg.s5_texts}) at least 1: stage 5 prefers one sample of a text over another")
     tok = run_tokenizer(Path(args.out), cfg, tcfg.tokenizer)
     if args.preset == "tiny" and "thinker.vocab_size" not in model_over and isinstance(tok, QwenBPE):
         cfg = cfg.replace(**{"thinker.vocab_size": tok.vocab_size})    # a row for every id the tokenizer has

@@ -137,6 +137,8 @@ def test_bad_runs_are_refused_with_a_reason(quick_run, tmp_path):
         train_tiny.main(QUICK + ["--out", str(quick_run), "--resume", "--thinker.n_layer=2"])
     with pytest.raises(SystemExit, match="run stages 6 and 7 first"):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "y"), "--stage", "5"])
+    with pytest.raises(SystemExit, match=r"--train.s5_samples \(1\) must be at least 2"):
+        train_tiny.main(QUICK + ["--out", str(tmp_path / "y"), "--dpo", "--train.s5_samples=1"])
     with pytest.raises(SystemExit, match="--train.tokenizer must be 'bpe' or 'bytes', got 'words'"):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "z"), "--train.tokenizer=words"])
     with pytest.raises(SystemExit, match=r"--train.s4_fresh \(5\) must lie between 0 and --train.s4_batch_size \(4\)"):
