@@ -11,7 +11,7 @@ The paper's recipe (sections 3 and 4), at toy scale:
   6 dit         the flow-matching DiT learns codes -> mel with speaker conditioning
   7 vocoder     BigVGAN learns mel -> waveform (mel L1 + multi-resolution STFT losses)
 
-    python train_tiny.py                          # stages 1-4, 6, 7 into runs/tiny (~30 min on 2 CPU cores)
+    python train_tiny.py                          # stages 1-4, 6, 7 into runs/tiny (26-52 min on 2 CPU cores)
     python train_tiny.py --quick --out /tmp/q      # a few steps of everything (the tests use it)
     python train_tiny.py --stage 4 --stage 6       # only these stages (the earlier ones must have run)
     python train_tiny.py --resume                  # continue a killed run; losses repeat exactly
