@@ -325,6 +325,7 @@ def test_evaluate_caps_a_talker_that_never_stops(quick_run, monkeypatch):
     model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
     tc = model.cfg.talker
     real_head = model.talker.codec_head.forward
+
     def never_stop(x):                     # the stop and pad codes never win
         logits = real_head(x)
         logits[..., [tc.codec_eos, tc.codec_pad]] = -1e9
@@ -347,7 +348,7 @@ def test_dpo_pairs_prefer_the_best_heard_sample():
     pairs = train_tiny.preference_pairs(items, samples, heard, length_ties=False)
     assert len(pairs) == 1                                  # text 1 heard alike twice, text 2 sampled once
     it, win, lose = pairs[0]
-    assert it is items[0] and win is c[12] and lose is c[5]     # WER 0 preferred over WER 1.5
+    assert it is items[0] and win is c[12] and lose is c[5]     # heard at WER 0 preferred over WER 1
     pairs = train_tiny.preference_pairs(items, samples, heard, length_ties=True)
     assert [(p[0]["text"], len(p[1]), len(p[2])) for p in pairs] == [("one two", 12, 5), ("red star", 6, 8)]
 
