@@ -688,8 +688,12 @@ class CodeSplicer:
     Against a fixed pool of spliced utterances, the Talker meets a new text almost every time and cannot learn
     the texts' codes whole (docs/experiments.md, "Where the speech loses its words")."""
 
-    def __init__(self, run: Run, utts: list[dict], codes: list[torch.Tensor]):
+    def __init__(self, run: Run, utts: list[dict], codes: list[torch.Tensor], off: str):
+        """off: the flag that does without fresh texts, named in the refusal when `utts` hold no digits to splice."""
         self.run, self.pieces = run, SpeechPieces(utts, rate=run.cfg.vocoder.sample_rate)
+        if not self.pieces.speakers:
+            raise SystemExit(f"fresh texts splice recordings of digits, and the training speech ({len(utts)} "
+                             f"utterances) has none to splice: pass {off}")
         self.codes = {u["audio"]: c for u, c in zip(utts, codes)}
         self.silence = int(run.codec.encode(torch.zeros(run.cfg.vocoder.sample_rate // 5))[0])
         self.per_second = run.cfg.vocoder.sample_rate // (run.cfg.vocoder.hop_length * run.codec.frames_per_code)
@@ -716,10 +720,7 @@ def stage_talker(run: Run) -> dict:
     utts = _speech_subset(load_speech("train", sample_rate=run.cfg.vocoder.sample_rate), t.subset)
     ensure_codec(run, utts)
     codes = [run.codec.encode(u["wav"]) for u in utts]
-    splicer = CodeSplicer(run, utts, codes) if t.s4_fresh else None
-    if splicer is not None and not splicer.pieces.speakers:
-        raise SystemExit(f"--train.s4_fresh={t.s4_fresh} splices recordings of digits, and the training speech "
-                         f"({len(utts)} utterances) has none to splice: pass --train.s4_fresh=0")
+    splicer = CodeSplicer(run, utts, codes, off="--train.s4_fresh=0") if t.s4_fresh else None
     if not t.s4_fresh and t.fresh_speech and t.s4_spliced:                    # the older recipe: a fixed pool
         extra = spliced_utterances(utts, t.subset or t.s4_spliced, t.seed + 4, held_out_transcripts(),
                                    run.cfg.vocoder.sample_rate)
@@ -772,7 +773,7 @@ def stage_dpo(run: Run) -> dict:
     t = run.t
     speech = _speech_subset(load_speech("train", sample_rate=run.cfg.vocoder.sample_rate), t.subset)
     if t.s5_fresh:
-        splicer = CodeSplicer(run, speech, [run.codec.encode(u["wav"]) for u in speech])
+        splicer = CodeSplicer(run, speech, [run.codec.encode(u["wav"]) for u in speech], off="--train.s5_fresh=false")
         items = splicer.items(t.s5_texts, np.random.default_rng([t.seed + 5, 0]))
     else:
         voices = len({u["speaker"] for u in speech})

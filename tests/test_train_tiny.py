@@ -465,7 +465,7 @@ def test_talker_fresh_texts_join_the_pieces_codes(quick_run, words):
                           codec=SpeechCodec.load(ck / "codec.safetensors"), t=SimpleNamespace(s4_words=words))
     utts = load_speech("train", speakers={"kal16"})
     codes = [run.codec.encode(u["wav"]) for u in utts]
-    splicer = train_tiny.CodeSplicer(run, utts, codes)
+    splicer = train_tiny.CodeSplicer(run, utts, codes, off="--train.s4_fresh=0")
     items = splicer.items(8, np.random.default_rng(5))
     assert len(items) == 8 and len({tuple(it["reply_ids"]) for it in items}) > 4
     by_audio = {u["audio"]: c for u, c in zip(utts, codes)}
@@ -506,6 +506,20 @@ def test_fresh_talker_texts_need_digits_to_splice(tmp_path, monkeypatch):
         u for u in real(*a, **k) if not set(u["transcript"].split()) <= set(DIGIT_WORDS)])
     with pytest.raises(SystemExit, match="has none to splice: pass --train.s4_fresh=0"):
         train_tiny.main(QUICK + ["--out", str(tmp_path / "r"), "--stage", "4", "--train.subset=60"])
+
+
+def test_fresh_dpo_texts_need_digits_to_splice(quick_run, tmp_path, monkeypatch):
+    """Stage 5's fresh texts (--train.s5_fresh) are refused as stage 4's are, naming stage 5's own flag."""
+    import shutil
+
+    from nano_omni.data import DIGIT_WORDS
+
+    shutil.copytree(quick_run / "checkpoint", tmp_path / "r" / "checkpoint")
+    real = train_tiny.load_speech
+    monkeypatch.setattr(train_tiny, "load_speech", lambda *a, **k: [
+        u for u in real(*a, **k) if not set(u["transcript"].split()) <= set(DIGIT_WORDS)])
+    with pytest.raises(SystemExit, match="has none to splice: pass --train.s5_fresh=false"):
+        train_tiny.main(QUICK + ["--out", str(tmp_path / "r"), "--stage", "5"])
 
 
 def test_code_rows_start_at_the_centroids_principal_coordinates():
