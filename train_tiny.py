@@ -137,6 +137,11 @@ class TrainConfig:
     s4_words: float = 0.5          # stage 4: the share of fresh texts spliced word by word, a digit recording per
                                    # digit (SpeechPieces.draw_words); generated speech, mean WER over seeds 0-2:
                                    # 0 23.6, 0.25 16.9, 0.5 15.1, 0.75 15.7, 1 20.0 % (docs/experiments.md)
+    s4_gaps: bool = False          # stage 4: 2-8 codes of digital silence between a fresh text's pieces (the recipe
+                                   # before). No recording holds that code, the Talker learnt to say it and its long
+                                   # pauses; joined as recorded (each piece's own quiet edges the pause), generated
+                                   # speech, mean WER over voices and seeds 0-5: 8.3 -> 6.7 % (docs/experiments.md,
+                                   # "Pauses no recording has")
     s4_spliced: int = 1800         # with s4_fresh=0: a fixed pool of spliced utterances beside the recordings (with
                                    # fresh_speech); they hurt the 2-layer Talker of the byte model, help the 4-layer
                                    # one (generated speech, mean WER: none 50.4 %, 900 46.3 %, 1,800 40.1 %)
@@ -683,8 +688,9 @@ def spliced_utterances(utts: list[dict], n: int, seed: int, avoid: frozenset[str
 
 class CodeSplicer:
     """Fresh texts for the Talker, one batch at a time (--train.s4_fresh): what SpeechPieces would splice, joined at
-    the code level instead (each piece's codes, then silence codes for the pause before the next piece), so no
-    waveform is built or encoded; the Thinker reads the batch's conversations at once. Never a held-out transcript.
+    the code level instead (each piece's codes as recorded, its own quiet edges the pause; with --train.s4_gaps,
+    silence codes for the drawn pause before the next piece), so no waveform is built or encoded; the Thinker reads
+    the batch's conversations at once. Never a held-out transcript.
     Against a fixed pool of spliced utterances, the Talker meets a new text almost every time and cannot learn
     the texts' codes whole (docs/experiments.md, "Where the speech loses its words")."""
 
@@ -707,8 +713,9 @@ class CodeSplicer:
             spk, chosen, gaps = (self.pieces.draw_words if word_by_word else self.pieces.draw)(rng, self.avoid)
             parts = [self.codes[chosen[0]["audio"]]]
             for ex, gap in zip(chosen[1:], gaps):
-                parts += [torch.full((round(gap * self.per_second),), self.silence, dtype=torch.long),
-                          self.codes[ex["audio"]]]
+                if self.run.t.s4_gaps:
+                    parts.append(torch.full((round(gap * self.per_second),), self.silence, dtype=torch.long))
+                parts.append(self.codes[ex["audio"]])
             texts.append(" ".join(SpeechPieces.text(ex) for ex in chosen))
             speakers.append(spk)
             codes.append(torch.cat(parts))

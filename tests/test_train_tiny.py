@@ -446,12 +446,13 @@ def test_talker_learns_to_speak_spliced_utterances():
                                          rate=24000)[0]["transcript"] not in {u["transcript"] for u in out}
 
 
-@pytest.mark.parametrize("words", [0.0, 0.5, 1.0])
-def test_talker_fresh_texts_join_the_pieces_codes(quick_run, words):
+@pytest.mark.parametrize("words,pauses", [(0.0, False), (0.5, False), (0.5, True), (1.0, False)])
+def test_talker_fresh_texts_join_the_pieces_codes(quick_run, words, pauses):
     """--train.s4_fresh: a fresh item says what SpeechPieces draws (never a held-out transcript), its codes the
-    pieces' own codes with silence codes for each pause, 50 per second; the same generator gives the same items;
-    the Thinker's rows read in a padded batch equal those read one conversation at a time. --train.s4_words: that
-    share of the texts is drawn word by word, 2-4 digits each from a recording of that one digit."""
+    pieces' own codes joined as recorded (--train.s4_gaps: with silence codes for each drawn pause, 50 per
+    second); the same generator gives the same items; the Thinker's rows read in a padded batch equal those read one
+    conversation at a time. --train.s4_words: that share of the texts is drawn word by word, 2-4 digits each from a
+    recording of that one digit."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -462,7 +463,8 @@ def test_talker_fresh_texts_join_the_pieces_codes(quick_run, words):
     ck = quick_run / "checkpoint"
     model, tok = load_model(ck, dtype=torch.float32)
     run = SimpleNamespace(model=model.eval(), tok=tok, cfg=model.cfg, device=torch.device("cpu"),
-                          codec=SpeechCodec.load(ck / "codec.safetensors"), t=SimpleNamespace(s4_words=words))
+                          codec=SpeechCodec.load(ck / "codec.safetensors"),
+                          t=SimpleNamespace(s4_words=words, s4_gaps=pauses))
     utts = load_speech("train", speakers={"kal16"})
     codes = [run.codec.encode(u["wav"]) for u in utts]
     splicer = train_tiny.CodeSplicer(run, utts, codes, off="--train.s4_fresh=0")
@@ -483,7 +485,7 @@ def test_talker_fresh_texts_join_the_pieces_codes(quick_run, words):
         expect = [by_audio[chosen[0]["audio"]]]
         for ex, gap in zip(chosen[1:], gaps):
             assert 2 <= round(gap * 50) <= 8                                  # 40-160 ms of silence codes
-            expect += [torch.full((round(gap * 50),), silence), by_audio[ex["audio"]]]
+            expect += [torch.full((round(gap * 50),), silence)] * pauses + [by_audio[ex["audio"]]]
         assert torch.equal(it["codes"], torch.cat(expect))
         assert spk == "kal16" and it["spk"] == train_tiny.speaker_ids(run.cfg)["kal16"]
     assert word_by_word in {0.0: {0}, 0.5: set(range(1, 8)), 1.0: {8}}[words]       # none, some, all of the 8
