@@ -141,8 +141,8 @@ class TrainConfig:
                                    # before). No recording holds that code, the Talker learnt to say it and its long
                                    # pauses; joined as recorded (each piece's own quiet edges the pause), generated
                                    # speech, mean WER over voices and seeds 0-5: 8.3 -> 6.7 % for the shipped draw,
-                                   # 7.6 -> 8.5 % for another (rms better, kal16 worse in both; docs/experiments.md,
-                                   # "Pauses no recording has")
+                                   # 7.9 -> 7.6 % over three training draws (awb better, kal16 worse;
+                                   # docs/experiments.md, "Pauses no recording has")
     s4_spliced: int = 1800         # with s4_fresh=0: a fixed pool of spliced utterances beside the recordings (with
                                    # fresh_speech); they hurt the 2-layer Talker of the byte model, help the 4-layer
                                    # one (generated speech, mean WER: none 50.4 %, 900 46.3 %, 1,800 40.1 %)
