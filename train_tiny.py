@@ -137,10 +137,10 @@ class TrainConfig:
     s4_words: float = 0.5          # stage 4: the share of fresh texts spliced word by word, a digit recording per
                                    # digit (SpeechPieces.draw_words); generated speech, mean WER over seeds 0-2:
                                    # 0 23.6, 0.25 16.9, 0.5 15.1, 0.75 15.7, 1 20.0 % (docs/experiments.md)
-    s4_gaps: bool = False          # stage 4: 2-8 codes of digital silence between a fresh text's pieces (the recipe
-                                   # before). No recording holds that code, the Talker learnt to say it and its long
-                                   # pauses; joined as recorded (each piece's own quiet edges the pause), generated
-                                   # speech, mean WER over voices and seeds 0-5: 8.3 -> 6.7 % for the shipped draw,
+    s4_gaps: bool = False          # stages 4 and 5 (CodeSplicer's fresh texts): 2-8 codes of digital silence between
+                                   # a text's pieces (the recipe before). No recording holds that code, the Talker
+                                   # learnt to say it and its long pauses; joined as recorded (each piece's own quiet
+                                   # edges the pause), generated speech, mean WER over voices and seeds 0-5: 8.3 -> 6.7 % for the shipped draw,
                                    # 7.9 -> 7.6 % over three training draws (awb better, kal16 worse;
                                    # docs/experiments.md, "Pauses no recording has")
     s4_spliced: int = 1800         # with s4_fresh=0: a fixed pool of spliced utterances beside the recordings (with
