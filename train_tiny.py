@@ -140,9 +140,9 @@ class TrainConfig:
     s4_gaps: bool = False          # stages 4 and 5 (CodeSplicer's fresh texts): 2-8 codes of digital silence between
                                    # a text's pieces (the recipe before). No recording holds that code, the Talker
                                    # learnt to say it and its long pauses; joined as recorded (each piece's own quiet
-                                   # edges the pause), generated speech, mean WER over voices and seeds 0-5: 8.3 -> 6.7 % for the shipped draw,
-                                   # 7.9 -> 7.6 % over three training draws (awb better, kal16 worse;
-                                   # docs/experiments.md, "Pauses no recording has")
+                                   # edges the pause), generated speech, mean WER over voices and seeds 0-5: 8.3 ->
+                                   # 6.7 % for the shipped draw, 7.9 -> 7.6 % over three training draws (awb better,
+                                   # kal16 worse; docs/experiments.md, "Pauses no recording has")
     s4_spliced: int = 1800         # with s4_fresh=0: a fixed pool of spliced utterances beside the recordings (with
                                    # fresh_speech); they hurt the 2-layer Talker of the byte model, help the 4-layer
                                    # one (generated speech, mean WER: none 50.4 %, 900 46.3 %, 1,800 40.1 %)
