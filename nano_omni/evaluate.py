@@ -54,6 +54,26 @@ def word_error_rate(ref: str, hyp: str) -> float:
     return d[len(h)] / max(1, len(r))
 
 
+def wilson_interval(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % confidence interval (Wilson's score interval) of an accuracy measured as `right` of `n`.
+
+    A held-out task here has 60 questions, so one answer is 1.7 points and a measured 93.3 % is consistent with a
+    true accuracy anywhere from about 84 to 97 %: read the table's gaps to the 95 % target with it. Wilson's
+    interval, unlike the textbook p +- z sqrt(p (1 - p) / n), stays inside [0, 1] and is not empty at 0 or n right.
+
+    >>> [round(x, 3) for x in wilson_interval(56, 60)]
+    [0.841, 0.974]
+    >>> [round(x, 3) for x in wilson_interval(60, 60)]
+    [0.94, 1.0]
+    """
+    if not 0 <= right <= n or n <= 0:
+        raise ValueError(f"wilson_interval: need 0 <= right <= n and n > 0, got right={right}, n={n}")
+    p = right / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * (p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def dtw_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean |a_i - b_j| (per mel bin) along the cheapest monotone alignment of frames a (Ta, m) and b (Tb, m)."""
     cost = torch.cdist(a.float(), b.float(), p=1).numpy() / a.shape[1]
@@ -139,12 +159,13 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
     by_task = defaultdict(list)
     for e in ex:
         by_task[e["task"]].append(e)
-    acc = {}
+    acc, asked = {}, {}
     for task, items in sorted(by_task.items()):
         items = items[:per_task] if per_task else items
         data = ThinkerData(items, proc, tok, root)
         got = answers(model, data, list(range(len(items))), positions=positions)
         acc[task] = sum(g == e["answer"] for g, e in zip(got, items)) / len(items)
+        asked[task] = len(items)
     # 2. speech, per voice; 3. vocoder vs Griffin-Lim on the real recordings
     utts = load_speech("test", root)
     speech = {}
@@ -182,12 +203,16 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
                          "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
         asr_real = transcribe(ear, ear_proc, [u["wav"] for u in real])
         voc["real_recordings_wer"] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real)]))
-    return {"accuracy": acc, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
+    return {"accuracy": acc, "asked": asked, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
 
 
 def table(res: dict) -> str:
-    lines = ["| held-out task | exact match |", "|---|---:|"]
-    lines += [f"| {t} | {100 * a:.1f} % |" for t, a in res["accuracy"].items()]
+    lines = ["| held-out task | exact match | right / asked | 95 % interval |", "|---|---:|---:|---:|"]
+    for t, a in res["accuracy"].items():
+        n = res["asked"][t]
+        right = round(a * n)
+        lo, hi = wilson_interval(right, n)
+        lines.append(f"| {t} | {100 * a:.1f} % | {right} / {n} | {100 * lo:.1f}–{100 * hi:.1f} % |")
     if res["speech"]:
         seeds = list(next(iter(res["speech"].values()))["wer_by_seed"])
         wer = "word error rate of generated speech" + (f" (mean; seeds {' / '.join(map(str, seeds))})"
@@ -279,7 +304,9 @@ def main(argv=None):
                + (f" --judge {a.judge}" if a.judge else ""))
         write_readme(Path(a.write_readme), f"Measured by `{cmd}`:\n\n" + text)
     if a.json:
-        Path(a.json).write_text(json.dumps(res, indent=2))
+        from .checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(a.json), json.dumps(res, indent=2).encode())
     print(json.dumps(res))
 
 

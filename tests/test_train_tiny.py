@@ -276,6 +276,10 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
     res = json.loads(out.read_text())
     assert set(res["accuracy"]) == set(TASKS)
     assert all(0.0 <= a <= 1.0 for a in res["accuracy"].values())
+    assert res["asked"] == {t: 2 for t in TASKS}       # --per-task 2: the table's "right / asked" and its interval
+    for t, a in res["accuracy"].items():
+        lo, hi = evaluate.wilson_interval(round(2 * a), 2)
+        assert lo <= a <= hi and hi - lo > 0.5          # two questions say little: the interval is wide
     assert set(res["speech"]) == set(train_tiny.SPEAKERS)
     for s in res["speech"].values():     # every text spoken once per seed; the figure is the mean over the seeds
         assert sorted(s["wer_by_seed"]) == ["0", "1"] and s["wer"] == pytest.approx(sum(s["wer_by_seed"].values()) / 2)
@@ -285,7 +289,9 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
         assert res["vocoder"][name]["wer"] >= 0 and res["vocoder"][name]["mel_distance"] > 0, name
     doc = readme.read_text()
     assert "old" not in doc and doc.endswith("<!-- results:end -->\ntail\n")
-    assert "their codec codes -> DiT -> BigVGAN" in doc and "| asr |" in doc
+    assert "their codec codes -> DiT -> BigVGAN" in doc and "| asr |" in doc and "| 95 % interval |" in doc
+    with pytest.raises(ValueError, match="right=3, n=2"):
+        evaluate.wilson_interval(3, 2)
     assert "word error rate of generated speech (mean; seeds 0 / 1)" in doc and "--seeds 0,1`" in doc
     bare = tmp_path / "bare.md"
     bare.write_text("no markers\n")
