@@ -10,13 +10,16 @@
     python sample.py --checkpoint DIR ...                                    # another model: a run of train_tiny.py
                                                                               # or an official Qwen2.5-Omni directory
 A video is a folder of frames (with audio.wav), an .npz of frames (with the .flac beside it), or a video file
-(needs PyAV). Audio is written at 24 kHz; files are written atomically (a partial file is never left behind).
+(needs PyAV). Audio is written at 24 kHz and atomically: the file appears whole or not at all, and an existing one
+is replaced only by a complete new one (a stream goes to OUT.part first; a run killed outright, SIGKILL, may leave
+that .part behind, never a half-written OUT). Bad arguments and unreadable inputs stop with one line naming them.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,6 +48,18 @@ def parse(argv):
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (1 is fastest for the tiny model)")
     ap.add_argument("--device", default="auto")
     a = ap.parse_args(argv)
+    if a.threads < 1:
+        ap.error(f"--threads must be at least 1, got {a.threads}")
+    if a.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be at least 1, got {a.max_new_tokens}")
+    if not (math.isfinite(a.fps) and a.fps > 0):
+        ap.error(f"--fps must be a positive number of frames per second, got {a.fps}")
+    for flag, path, folder_ok in (("--audio", a.audio, False), ("--image", a.image, False),
+                                  ("--video", a.video, True)):
+        if path is not None and not Path(path).exists():
+            ap.error(f"{flag} {path}: no such file")
+        if path is not None and Path(path).is_dir() and not folder_ok:
+            ap.error(f"{flag} {path} is a folder; give a file")
     if a.text is not None and not a.text.strip():
         ap.error("--text is empty: give the words to speak")
     if a.prompt is not None and not a.prompt.strip():
@@ -88,28 +103,42 @@ def streamed_wav(path: Path, sr: int):
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+    if sf.info(str(part)).frames == 0:      # nothing was said: an existing file stays as it was
+        part.unlink()
+        return
     part.replace(path)
 
 
 def main(argv=None):
+    from nano_omni.checkpoint import CheckpointError
+    from nano_omni.training import pick_device
+
     a = parse(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(a.threads)
     out = Path(a.out)
     speaking = bool(a.text) or a.speak or a.stream or not (a.prompt or a.audio or a.image or a.video)
     if speaking:
         check_writable(out)
-
-    from nano_omni.data import IMAGE_PIXELS, VIDEO_PIXELS
-    from nano_omni.pretrained import load_model
-    from nano_omni.processor import Processor
-    from nano_omni.tokenizer import DEFAULT_SYSTEM, SPEECH_SYSTEM, chat_template
-    from nano_omni.training import pick_device
-
     ck = Path(a.checkpoint)
     if not ck.is_dir():
         hint = " (run `python train_tiny.py` to make one)" if ck == SHIPPED else ""
         raise SystemExit(f"no model at {ck}{hint}")
-    device = pick_device(a.device)
+    try:
+        device = pick_device(a.device)
+    except ValueError as e:
+        raise SystemExit(f"sample.py: --device: {e}") from None
+    torch.set_num_threads(a.threads)
+    try:
+        run(a, out, speaking, ck, device)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:   # an input or model the checks above let by
+        raise SystemExit(f"sample.py: {e}") from None
+
+
+def run(a, out: Path, speaking: bool, ck: Path, device: torch.device) -> None:
+    from nano_omni.data import IMAGE_PIXELS, VIDEO_PIXELS
+    from nano_omni.pretrained import load_model
+    from nano_omni.processor import Processor
+    from nano_omni.tokenizer import DEFAULT_SYSTEM, SPEECH_SYSTEM, chat_template
+
     model, tok = load_model(ck, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32, device=device)
     if tok is None:
         raise SystemExit(f"{ck} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
@@ -160,7 +189,11 @@ def main(argv=None):
     if a.video:
         v = Path(a.video)
         if v.suffix == ".npz":
-            frames = np.load(v)["frames"]
+            try:
+                frames = np.load(v)["frames"]
+            except (OSError, ValueError, KeyError, EOFError) as e:     # not an npz, or no "frames" array in it
+                raise ValueError(f"--video {v}: cannot read its frames (an .npz holding a 'frames' array): "
+                                 f"{type(e).__name__}: {e}") from None
             snd = v.with_suffix(".flac")
             items.append({"type": "video", "video": frames, "fps": a.fps, **({"audio": str(snd)} if snd.is_file() else {})})
             aiv = snd.is_file()
@@ -194,7 +227,7 @@ def main(argv=None):
     answer = tok.decode([t for t in text_ids if t != cfg.tokens.pad], skip_special=True).strip()
     print(("\n" if a.stream else "") + answer)
     if first_pcm is None:
-        print("(no speech was produced)")
+        print(f"(no speech was produced; {out} was not written)")
     else:
         n = sum(p.numel() for p in pcm)
         print(f"first text token after {1e3 * first_text:.0f} ms, first audio after {1e3 * first_pcm:.0f} ms "

@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from nano_omni.audio_enc import AudioEncoder
 from nano_omni.bpe import QwenBPE
+from nano_omni.checkpoint import CheckpointError
 from nano_omni.codec import SpeechCodec
 from nano_omni.config import OmniConfig, get_config, parse_override
 from nano_omni.data import (IMAGE_PIXELS, SYSTEM, VIDEO_PIXELS, SpeechPieces, ThinkerData, load_examples,
@@ -46,7 +47,7 @@ from nano_omni.data import (IMAGE_PIXELS, SYSTEM, VIDEO_PIXELS, SpeechPieces, Th
 from nano_omni.dit import flow_matching_loss
 from nano_omni.mel import mel_loss, multi_resolution_stft_loss
 from nano_omni.omni import Omni, Voice, save_voices
-from nano_omni.pretrained import load_model
+from nano_omni.pretrained import load_model, read_config
 from nano_omni.processor import Processor
 from nano_omni.readout import PictureReadout, SpeechReadout, transcript_tokens
 from nano_omni.tmrope import text_positions
@@ -245,7 +246,10 @@ class Run:
         self.fresh_xvectors = False      # --reinit of stage 6: do not take the checkpoint's x-vectors
         ck = checkpoint_dir(self.dir)
         if ck.is_dir() and (ck / "model.safetensors").is_file():
-            saved = OmniConfig.from_dict(json.loads((ck / "config.json").read_text()))
+            try:
+                saved = read_config(ck)
+            except (CheckpointError, FileNotFoundError) as e:
+                raise SystemExit(f"{ck} cannot be continued: {e}") from None
             changed = {f.name for f in fields(OmniConfig) if getattr(saved, f.name) != getattr(cfg, f.name)}
             free = {part for s in (args.stage or []) for part in TRAINED_BY[s][1]} if args.reinit else set()
             if changed - free:
@@ -254,8 +258,12 @@ class Run:
                                  f"N --reinit, only the parts stage N trains may change)")
             self.model, _ = load_model(ck, dtype=torch.float32)      # in the saved configuration; reinit() swaps
                                                                        # in parts of a changed size
-            progress = json.loads((ck / "progress.json").read_text())
-            self.progress, self.parts = progress["done"], progress.get("parts", [])
+            try:
+                progress = json.loads((ck / "progress.json").read_text())
+                self.progress, self.parts = list(progress["done"]), list(progress.get("parts", []))
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise SystemExit(f"{ck / 'progress.json'} (the stages this run has done) is missing or unreadable "
+                                 f"({type(e).__name__}: {e}); without it the run cannot be continued") from None
             if (ck / "codec.safetensors").is_file():
                 self.codec = SpeechCodec.load(ck / "codec.safetensors")
             if not args.resume and not args.stage:
@@ -1036,6 +1044,12 @@ def main(argv=None):
     args, model_over, train_over = parse(sys.argv[1:] if argv is None else argv)
     if args.reinit and (not args.stage or args.resume):
         raise SystemExit("--reinit goes with --stage N (and not with --resume): it restarts those stages' parts")
+    if args.threads < 0:
+        raise SystemExit(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    try:
+        pick_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"--device: {e}") from None
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = model_config(args.preset)

@@ -31,7 +31,7 @@ import torch
 
 from .audio_io import resample
 from .codec import SpeechCodec
-from .data import IMAGE_PIXELS, ROOT, SYSTEM, VIDEO_PIXELS, ThinkerData, load_examples, load_speech
+from .data import IMAGE_PIXELS, ROOT, SYSTEM, TASKS, VIDEO_PIXELS, ThinkerData, load_examples, load_speech
 from .mel import griffin_lim
 from .processor import Processor
 from .tokenizer import chat_template
@@ -276,11 +276,30 @@ def main(argv=None):
             seeds = [int(x) for x in a.seeds.split(",")]
         except ValueError:
             ap.error(f"--seeds must be comma-separated integers, e.g. 0,1,2; got {a.seeds!r}")
-    if a.threads:
-        torch.set_num_threads(a.threads)
+    tasks = set(a.tasks.split(",")) if a.tasks else None
+    if tasks and tasks - set(TASKS):
+        ap.error(f"--tasks: unknown task(s) {sorted(tasks - set(TASKS))}; the tasks are {', '.join(TASKS)}")
+    if a.threads < 0:
+        ap.error(f"--threads must be 0 (torch's default) or more, got {a.threads}")
+    for flag, ck in (("--checkpoint", a.checkpoint), ("--judge", a.judge)):
+        if ck is not None and not Path(ck).is_dir():
+            ap.error(f"{flag} {ck}: no such model directory")
+    if a.write_readme:                # the outputs are checked before the minutes of measuring, not after
+        doc = Path(a.write_readme)
+        if not doc.is_file() or "<!-- results:begin -->" not in doc.read_text():
+            ap.error(f"--write-readme {doc}: needs an existing file holding the <!-- results:begin --> ... "
+                     f"<!-- results:end --> markers")
+    if a.json and (Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir()):
+        ap.error(f"--json {a.json}: cannot be written (a folder, or its folder does not exist)")
     from .training import pick_device
 
-    model, tok = load_model(a.checkpoint, dtype=torch.float32, device=pick_device(a.device))
+    try:
+        device = pick_device(a.device)
+    except ValueError as e:
+        ap.error(f"--device: {e}")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    model, tok = load_model(a.checkpoint, dtype=torch.float32, device=device)
     if a.readouts:
         from .readout import readout_accuracy
 
@@ -293,12 +312,13 @@ def main(argv=None):
     codec_file = Path(a.checkpoint) / "codec.safetensors"
     codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed, seeds=seeds,
-                   tasks=set(a.tasks.split(",")) if a.tasks else None, positions=a.positions,
+                   tasks=tasks, positions=a.positions,
                    with_speech=not a.no_speech, codec=codec, judge=judge)
     if a.judge:
         res["judge"] = a.judge
     text = table(res)
     print(text)
+    print(json.dumps(res))           # printed before the files are written: a failed write loses no result
     if a.write_readme:
         cmd = (f"python -m nano_omni.evaluate --checkpoint {a.checkpoint}" + (f" --seeds {a.seeds}" if a.seeds else "")
                + (f" --judge {a.judge}" if a.judge else ""))
@@ -307,7 +327,6 @@ def main(argv=None):
         from .checkpoint import atomic_write_bytes
 
         atomic_write_bytes(Path(a.json), json.dumps(res, indent=2).encode())
-    print(json.dumps(res))
 
 
 if __name__ == "__main__":

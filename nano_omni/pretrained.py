@@ -44,9 +44,15 @@ def read_config(directory: str | Path, enable_audio_output: bool | None = None,
     try:
         if "model_type" in raw:
             return OmniConfig.from_hf_config(raw, enable_audio_output, tokens)
+        if not isinstance(raw, dict) or "thinker" not in raw:
+            raise ValueError("it is neither an official config (no model_type) nor a nano_omni one (no thinker "
+                             "section)")
         cfg = OmniConfig.from_dict(raw)
         return cfg if enable_audio_output is None else cfg.replace(enable_audio_output=enable_audio_output)
-    except (ValueError, TypeError, KeyError) as e:
+    except KeyError as e:         # a field the official config always has
+        raise CheckpointError(f"{path}: the field {e.args[0]!r} is missing (every qwen2_5_omni config.json names "
+                              f"it)") from None
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: {e}") from None
 
 

@@ -104,6 +104,8 @@ def _read_video_file(path: Path):
                           f"(or pass a folder of frames with an audio.wav)") from None
     try:
         with av.open(str(path)) as box:
+            if not box.streams.video:
+                raise ValueError("the file holds no video stream")
             vstream = box.streams.video[0]
             fps = float(vstream.average_rate or 25)
             frames = [f.to_ndarray(format="rgb24") for f in box.decode(video=0)]

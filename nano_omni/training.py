@@ -32,8 +32,18 @@ from .checkpoint import atomic_write_bytes
 # Devices and processes.
 # ----------------------------------------------------------------------------------------------------------------
 def pick_device(name: str = "auto") -> torch.device:
+    """"auto": CUDA, else Apple's MPS, else the CPU; or the device named ("cpu", "cuda", "cuda:1", "mps"), refused
+    with a ValueError when torch cannot parse it or this machine lacks it."""
     if name != "auto":
-        return torch.device(name)
+        try:
+            dev = torch.device(name)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
+        mps = getattr(torch.backends, "mps", None)
+        if (dev.type == "cuda" and not torch.cuda.is_available()) or (
+                dev.type == "mps" and not (mps is not None and mps.is_available())):
+            raise ValueError(f"device {name!r}: this machine's torch has no {dev.type} device (try auto or cpu)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -190,8 +200,13 @@ def load_stage_state(run: Path, name: str, opt: torch.optim.Optimizer) -> dict |
     d = checkpoint_dir(run) / "state"
     if not has_stage_state(run, name):
         return None
-    meta = json.loads((d / f"{name}.json").read_text())
-    load_optimizer_tensors(opt, load_file(str(d / f"{name}.safetensors")), meta.pop("optimizer"))
+    try:
+        meta = json.loads((d / f"{name}.json").read_text())
+        load_optimizer_tensors(opt, load_file(str(d / f"{name}.safetensors")), meta.pop("optimizer"))
+    except Exception as e:      # a half-copied or hand-edited state: say which files, and how to go on without them
+        raise SystemExit(f"cannot resume stage part {name!r} from {d}/{name}.json and .safetensors "
+                         f"({type(e).__name__}: {e}); delete both and resume again to run that part from its first "
+                         f"step") from None
     return meta
 
 

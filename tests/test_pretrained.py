@@ -182,6 +182,20 @@ def test_config_of_another_model_family(saved, tmp_path):
         from_pretrained(d)
 
 
+def test_config_missing_a_field_or_of_no_kind_is_named(saved, tmp_path):
+    """An official config.json without a field it always has names the field; a config.json that is neither an
+    official nor a nano_omni one (here `{}`) is refused instead of building the default model."""
+    d = _copy(saved[1], tmp_path / "m")
+    hf = json.loads((d / "config.json").read_text())
+    del hf["thinker_config"]["text_config"]["vocab_size"]
+    (d / "config.json").write_text(json.dumps(hf))
+    with pytest.raises(CheckpointError, match=r"config\.json: the field 'vocab_size' is missing"):
+        from_pretrained(d)
+    (d / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"config\.json: it is neither an official config"):
+        from_pretrained(d)
+
+
 def test_tokenizer_file_with_bad_json(saved, tmp_path):
     d = _copy(saved[1], tmp_path / "m")
     (d / "tokenizer.json").write_text('{"added_tokens": [ {"id": 1,, }')

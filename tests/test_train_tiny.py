@@ -74,6 +74,13 @@ def test_resume_repeats_the_losses_of_an_uninterrupted_run(tmp_path):
     assert len(_losses(b, "2_multimodal")) == 3
     with pytest.raises(SystemExit, match="stopped after 3 steps of stage 6"):     # killed again, in the DiT
         train_tiny.main(common + ["--out", str(b), "--train.stop_after_steps=3", "--resume"])
+    import shutil
+
+    c = tmp_path / "c"                                   # the same kill with its stage state damaged: named
+    shutil.copytree(b, c)
+    (c / "checkpoint" / "state" / "dit.json").write_text("{half a fi")
+    with pytest.raises(SystemExit, match=r"cannot resume stage part 'dit' from .*dit\.json"):
+        train_tiny.main(common + ["--out", str(c), "--resume"])
     train_tiny.main(common + ["--out", str(b), "--resume"])
     for stage in ("1_encoders_proj", "1_encoders_enc", "1_encoders_vision", "1_encoders_audio", "2_multimodal",
                   "6_dit"):
@@ -300,7 +307,7 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
     assert bare.read_text() == "no markers\n"
 
 
-def test_evaluate_speech_heard_by_a_fixed_judge(quick_run, tmp_path):
+def test_evaluate_speech_heard_by_a_fixed_judge(quick_run, tmp_path, capsys):
     """--judge: another checkpoint's Thinker transcribes the speech. The real recordings' rows depend only on the
     ear, so a quick run judged by the shipped model gets the shipped model's own figures there, not its own (its
     barely trained Thinker hears next to nothing); a judge that does not exist is refused by name."""
@@ -319,8 +326,9 @@ def test_evaluate_speech_heard_by_a_fixed_judge(quick_run, tmp_path):
     assert judged["real_recordings_wer"] == mine["real_recordings_wer"] != own["real_recordings_wer"]
     assert judged["griffin_lim"]["wer"] == mine["griffin_lim"]["wer"]
     assert res["judged"]["accuracy"] == res["own"]["accuracy"]          # the answers are still the model's own
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), *common, "--judge", str(tmp_path / "nowhere")])
+    assert "--judge" in capsys.readouterr().err
 
 
 def test_evaluate_caps_a_talker_that_never_stops(quick_run, monkeypatch):
@@ -398,6 +406,88 @@ def test_sample_bad_input(quick_run, tmp_path):
     res = _sample("--checkpoint", ck, "--text", "hi", "--out", str(tmp_path / "nope" / "x.wav"), check=False)
     assert res.returncode != 0 and "does not exist" in res.stderr
     assert "no model at" in _sample("--checkpoint", str(tmp_path / "missing"), "--text", "hi", check=False).stderr
+
+
+SHIPPED = REPO / "checkpoints" / "tiny"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--threads", "0", "--text", "hi"], "--threads must be at least 1, got 0"),
+    (["--max-new-tokens", "-3", "--prompt", "hi"], "--max-new-tokens must be at least 1, got -3"),
+    (["--fps", "0", "--video", "tiny_data/video/test-0000.npz"], "--fps must be a positive number"),
+    (["--video", "missing.npz", "--prompt", "hi"], "--video missing.npz: no such file"),
+    (["--audio", "missing.flac"], "--audio missing.flac: no such file"),
+    (["--image", "tiny_data/images", "--prompt", "hi"], "--image tiny_data/images is a folder"),
+    (["--device", "nope", "--text", "hi"], "--device: device 'nope' is not one of auto, cpu, cuda, cuda:N, mps"),
+    (["--video", "tiny_data/speech/slt-0001.flac", "--prompt", "hi"], "holds no video stream"),
+    (["--image", "tiny_data/speech/slt-0001.flac", "--prompt", "hi"], "cannot read image file"),
+    (["--checkpoint", "tiny_data", "--text", "hi"], "config.json does not exist"),
+])
+def test_sample_names_each_bad_argument(args, message, capsys, monkeypatch):
+    """sample.py: a bad flag, a missing or wrong kind of input, a folder that holds no model: one line that names
+    it, no traceback (argparse's error, or SystemExit with the message)."""
+    import sample
+
+    monkeypatch.chdir(REPO)
+    with pytest.raises(SystemExit) as e:
+        sample.main(args)
+    said = capsys.readouterr().err + (e.value.code if isinstance(e.value.code, str) else "")
+    assert message in said and "Traceback" not in said
+
+
+def test_sample_keeps_an_existing_file_when_no_speech_comes(tmp_path, monkeypatch, capsys):
+    """--speak on a question whose answer the Talker never voices: out.wav is left as it was (no empty file
+    replaces it, no .part stays behind)."""
+    import sample
+    from nano_omni.omni import Omni
+
+    def text_only(self, x, voice, **kw):        # the Thinker answers, the Talker says nothing
+        yield "text", torch.tensor([5])
+    monkeypatch.setattr(Omni, "stream", text_only)
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"an earlier answer")
+    sample.main(["--checkpoint", str(SHIPPED), "--prompt", "what is two plus three?", "--speak", "--out", str(out)])
+    assert out.read_bytes() == b"an earlier answer" and list(tmp_path.iterdir()) == [out]
+    assert "no speech was produced" in capsys.readouterr().out
+
+
+def test_evaluate_refuses_bad_arguments_before_measuring(tmp_path, capsys):
+    """python -m nano_omni.evaluate: unknown tasks, a device or a folder that does not exist, and outputs that
+    cannot be written are refused by name before any model is loaded or measured."""
+    from nano_omni import evaluate
+
+    ck = str(SHIPPED)
+    no_markers = tmp_path / "plain.md"
+    no_markers.write_text("# no markers\n")
+    for args, message in ((["--tasks", "asr,nope"], "unknown task(s) ['nope']"),
+                          (["--checkpoint", str(tmp_path / "nowhere")], "--checkpoint"),
+                          (["--checkpoint", ck, "--device", "nope"], "--device: device 'nope'"),
+                          (["--checkpoint", ck, "--threads", "-1"], "--threads must be 0"),
+                          (["--checkpoint", ck, "--write-readme", str(tmp_path / "missing.md")], "markers"),
+                          (["--checkpoint", ck, "--write-readme", str(no_markers)], "markers"),
+                          (["--checkpoint", ck, "--json", str(tmp_path / "no" / "r.json")], "cannot be written")):
+        with pytest.raises(SystemExit):
+            evaluate.main(args)
+        assert message in capsys.readouterr().err, args
+    assert no_markers.read_text() == "# no markers\n" and not (tmp_path / "no").exists()
+
+
+def test_a_damaged_run_directory_is_named(quick_run, tmp_path):
+    """train_tiny.py on a run whose config.json is not JSON, or whose progress.json is gone: the file is named,
+    nothing is written."""
+    import shutil
+
+    for damage, message in (("config.json", "config.json is not valid JSON"), ("progress.json", "progress.json")):
+        run = tmp_path / damage
+        shutil.copytree(quick_run / "checkpoint", run / "checkpoint")
+        if damage == "config.json":
+            (run / "checkpoint" / damage).write_text("{not json")
+        else:
+            (run / "checkpoint" / damage).unlink()
+        before = sorted(p.name for p in (run / "checkpoint").iterdir())
+        with pytest.raises(SystemExit, match=message):
+            train_tiny.main(QUICK + ["--out", str(run), "--resume"])
+        assert sorted(p.name for p in (run / "checkpoint").iterdir()) == before
 
 
 def test_task_batches_take_turns():
