@@ -155,6 +155,11 @@ def run(a, out: Path, speaking: bool, ck: Path, device: torch.device) -> None:
     # -- speak a given text ----------------------------------------------------------------------------------
     if a.text or not (a.prompt or a.audio or a.image or a.video):
         text = a.text or "hello there"
+        unknown = [w for w in text.split() if len(tok.encode(" " + w)) > 1]   # the toy BPE holds its words whole
+        if tiny and unknown:
+            verb = "is not a word" if len(unknown) == 1 else "are not words"
+            print(f"note: {', '.join(map(repr, unknown))} {verb} of this tiny model's vocabulary; it learnt to say "
+                  f"digits, colours, shapes and a few phrases, so expect it to mumble there", file=sys.stderr)
         prompt = tok.encode(chat_template([{"role": "user", "content": f"say: {text}"}], system=system))
         t0 = time.perf_counter()
         prompt_t = torch.tensor([prompt], device=device)

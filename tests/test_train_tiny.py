@@ -451,6 +451,16 @@ def test_sample_keeps_an_existing_file_when_no_speech_comes(tmp_path, monkeypatc
     assert "no speech was produced" in capsys.readouterr().out
 
 
+def test_sample_says_which_words_the_tiny_model_does_not_know(tmp_path, capsys):
+    """--text with a word outside the toy vocabulary still speaks, with a note naming the word."""
+    import sample
+
+    out = tmp_path / "out.wav"
+    sample.main(["--checkpoint", str(SHIPPED), "--text", "three banana", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert out.stat().st_size > 44 and "'banana' is not a word" in err and "three" not in err
+
+
 def test_evaluate_refuses_bad_arguments_before_measuring(tmp_path, capsys):
     """python -m nano_omni.evaluate: unknown tasks, a device or a folder that does not exist, and outputs that
     cannot be written are refused by name before any model is loaded or measured."""
