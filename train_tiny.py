@@ -131,8 +131,6 @@ class TrainConfig:
                                    # meet the LLM")
     fresh_speech: bool = True      # stage 2: every other asr item a spliced utterance, a word sequence no recording
                                    # says (data.SpeechPieces; never a held-out transcript)
-    s2_pairs: float = 0.5          # stage 2's spliced utterances: the share that are a colour then a shape
-    s2_repeats: float = 0.0        # ... and the chance a digit piece begins with the word the last one ended with
     s4_fresh: int = 12             # stage 4: items of each batch of 16 spliced anew from the recordings' codes
                                    # (CodeSplicer), the other 4 recordings; the Talker's generated speech, mean WER
                                    # over seeds 0-2: 32.2 % with the fixed pool below, 23.6 % fresh
@@ -569,7 +567,7 @@ def stage_thinker(run: Run, stage: int) -> dict:
                             *(["asr"] if t.fresh_speech else [])])
     avoid = frozenset(e["answer" if e["task"] == "asr" else "question"] for e in load_examples("test")
                       if e["task"] in TEXT_QUESTIONS or e["task"] == "asr") if redraw else frozenset()
-    data = ThinkerData(ex, run.proc, run.tok, avoid=avoid, splice={"pairs": t.s2_pairs, "repeats": t.s2_repeats})
+    data = ThinkerData(ex, run.proc, run.tok, avoid=avoid)
     steps = t.s2_steps if stage == 2 else t.s3_steps
     bs = t.batch_size if stage == 2 else max(2, t.batch_size // t.s3_items)
     loss = thinker_loss(run, data, bs, seq, redraw=redraw,

@@ -147,12 +147,11 @@ class ThinkerData:
     examples: dicts from load_examples (one turn each), or lists of them (one multi-turn conversation each)."""
 
     def __init__(self, examples: list, processor: Processor, tokenizer, root: str | Path = ROOT,
-                 avoid: frozenset[str] = frozenset(), splice: dict | None = None):
+                 avoid: frozenset[str] = frozenset()):
         """avoid: questions (text tasks) and transcripts (asr) a fresh item must never be: the held-out split's,
-        see `batch`. splice: SpeechPieces' `pairs` and `repeats` for the spliced asr items."""
+        see `batch`."""
         self.proc, self.tok, self.root, self.avoid = processor, tokenizer, root, avoid
-        self.speech = SpeechPieces([ex for ex in examples if isinstance(ex, dict) and ex["task"] == "asr"], root,
-                                   **(splice or {}))
+        self.speech = SpeechPieces([ex for ex in examples if isinstance(ex, dict) and ex["task"] == "asr"], root)
         self.assistant = tokenizer.encode("assistant\n")
         self.items: list[Example] = [self.example(ex) for ex in examples]
 
@@ -249,14 +248,11 @@ class SpeechPieces:
     the Talker too, at the codec's rate (--train.s4_spliced), and stage 4 joins the same draws' codes instead
     (train_tiny.CodeSplicer), half of those texts drawn word by word (`draw_words`)."""
 
-    def __init__(self, examples: list[dict], root: str | Path = ROOT, rate: int = SAMPLE_RATE, pairs: float = 0.5,
-                 repeats: float = 0.0):
+    def __init__(self, examples: list[dict], root: str | Path = ROOT, rate: int = SAMPLE_RATE):
         """examples: asr examples (text in "answer") or utterances from `load_speech` (text in "transcript", their
         "wav" already at `rate`); rate: the rate the pieces are joined at (the audio encoder's by default, the
-        codec's 24 kHz for the Talker). pairs: the share of draws that are a colour then a shape (the rest digits);
-        repeats: the chance that a digit piece after the first begins with the word the last one ended with
-        ("seven" + "seven two"), so that a word said twice running is heard twice (0: pieces drawn alike)."""
-        self.root, self.rate, self.pairs, self.repeats = Path(root), rate, pairs, repeats
+        codec's 24 kHz for the Talker)."""
+        self.root, self.rate = Path(root), rate
         self.pieces: dict[tuple[str, str], list[dict]] = {}
         for ex in examples:
             words = self.text(ex).split()
@@ -298,16 +294,13 @@ class SpeechPieces:
 
     def _draw(self, rng: np.random.Generator) -> tuple[str, list[dict], list[float]]:
         spk = self.speakers[int(rng.integers(len(self.speakers)))]
-        if rng.random() < self.pairs and (spk, "colour") in self.pieces and (spk, "shape") in self.pieces:
+        if rng.random() < 0.5 and (spk, "colour") in self.pieces and (spk, "shape") in self.pieces:
             chosen = [self._pick(rng, spk, "colour"), self._pick(rng, spk, "shape")]
         else:
             chosen, n = [], 0                           # two pieces or more, four digits at most
             while len(chosen) < 2 or (n < 4 and rng.random() < 0.5):
                 room = 4 - n - (1 if not chosen else 0)     # the first piece leaves room for a second
                 fits = [ex for ex in self.pieces[(spk, "digits")] if len(self.text(ex).split()) <= room]
-                if chosen and self.repeats and rng.random() < self.repeats:    # the next piece repeats a word
-                    last = self.text(chosen[-1]).split()[-1]
-                    fits = [ex for ex in fits if self.text(ex).split()[0] == last] or fits
                 if not fits:
                     break
                 ex = fits[int(rng.integers(len(fits)))]

@@ -272,36 +272,6 @@ def test_spliced_speech_says_new_word_sequences():
         assert answer == (d.fresh("asr", 3 * 1_000_003 + i)["answer"] if (3 + i) % 2 else slt[i]["answer"])
 
 
-def test_splice_mix_and_repeated_words():
-    """SpeechPieces(pairs=, repeats=): the share of colour-shape draws, and how often a digit piece starts with
-    the word the one before it ended with; ThinkerData passes them on."""
-    import numpy as np
-
-    from nano_omni.data import DIGIT_WORDS, SpeechPieces
-
-    ex = load_examples("train", tasks={"asr"})
-
-    def mix(**kw):
-        pieces, pairs, joins, repeats = SpeechPieces(ex, **kw), 0, 0, 0
-        for seed in range(300):
-            _, chosen, _ = pieces.draw(np.random.default_rng(seed))
-            if chosen[0]["answer"] not in DIGIT_WORDS and chosen[0]["answer"].split()[0] not in DIGIT_WORDS:
-                pairs += 1
-                continue
-            for a, b in zip(chosen, chosen[1:]):
-                joins += 1
-                repeats += a["answer"].split()[-1] == b["answer"].split()[0]
-        return pairs / 300, repeats / max(1, joins)
-
-    base_pairs, base_repeats = mix()
-    assert 0.4 < base_pairs < 0.6 and base_repeats < 0.2                 # the default: half pairs, repeats by chance
-    assert mix(pairs=0.0)[0] == 0 and mix(pairs=1.0)[0] == 1
-    assert mix(pairs=0.0, repeats=1.0)[1] > 0.8                          # nearly every join repeats a word
-    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
-    d = ThinkerData(ex[:20], Processor(CFG, tok), tok, splice={"pairs": 0.0, "repeats": 1.0})
-    assert (d.speech.pairs, d.speech.repeats) == (0.0, 1.0)
-
-
 def test_toy_tokenizer_makes_every_word_one_token():
     """The tiny models' BPE, learnt on the training texts: every word of the toy world is one token (as it stands
     in the texts: " seven" inside a sentence, "seven" at its start), specials and bytes keep their ids, any text
