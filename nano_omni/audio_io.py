@@ -30,7 +30,7 @@ def load_audio(source, sample_rate: int | None = None, max_seconds: float | None
 
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"audio file {path} does not exist")
+            raise FileNotFoundError(f"audio file {path} " + ("is a folder" if path.is_dir() else "does not exist"))
         try:
             data, sr = sf.read(str(path), dtype="float32", always_2d=True)   # (n, channels)
         except Exception as e:

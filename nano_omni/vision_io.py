@@ -149,7 +149,7 @@ def load_image(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
-            raise FileNotFoundError(f"image file {str(path)!r} does not exist")
+            raise FileNotFoundError(f"image file {str(path)!r} " + ("is a folder" if path.is_dir() else "does not exist"))
         try:
             with Image.open(path) as im:
                 im.load()                                    # decode now, so truncation shows up here

@@ -176,6 +176,8 @@ def test_bad_audio_input(tmp_path, encoders):
         load_audio(text)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_audio(tmp_path / "missing.wav")
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        load_audio(tmp_path)
     # shorter than one token: 20 ms of audio is 2 mel frames
     mel = log_mel(load_audio(speechlike(16000, 0.02), 16000))
     with pytest.raises(ValueError, match="shorter than one audio token"):

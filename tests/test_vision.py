@@ -148,6 +148,8 @@ def test_files_good_truncated_corrupt_missing(tmp_path):
         preprocess_image(text, CFG)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         load_image(tmp_path / "missing.png")
+    with pytest.raises(FileNotFoundError, match="is a folder"):
+        load_image(tmp_path)
 
 
 def test_preprocess_images_concatenates_in_order():
