@@ -451,6 +451,22 @@ def test_sample_keeps_an_existing_file_when_no_speech_comes(tmp_path, monkeypatc
     assert "no speech was produced" in capsys.readouterr().out
 
 
+def test_an_interrupted_stream_leaves_the_old_file(tmp_path, monkeypatch):
+    """--stream killed after its first chunk (Ctrl-C): out.wav keeps its old bytes and no .part file stays."""
+    import sample
+    from nano_omni.omni import Omni
+
+    def one_chunk_then_ctrl_c(self, *args, **kw):
+        yield torch.zeros(2400)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Omni, "say_stream", one_chunk_then_ctrl_c)
+    out = tmp_path / "out.wav"
+    out.write_bytes(b"an earlier answer")
+    with pytest.raises(KeyboardInterrupt):
+        sample.main(["--checkpoint", str(SHIPPED), "--text", "three", "--stream", "--out", str(out)])
+    assert out.read_bytes() == b"an earlier answer" and list(tmp_path.iterdir()) == [out]
+
+
 def test_sample_says_which_words_the_tiny_model_does_not_know(tmp_path, capsys):
     """--text with a word outside the toy vocabulary still speaks, with a note naming the word."""
     import sample
