@@ -203,6 +203,9 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
                          "mel_distance": float(np.mean([dtw_distance(mel_of(w), m) for w, m in zip(ws, mels)]))}
         asr_real = transcribe(ear, ear_proc, [u["wav"] for u in real])
         voc["real_recordings_wer"] = float(np.mean([word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real)]))
+        for v in speech:   # each voice's own recordings, by the same ear: the floor its generated speech meets
+            own = [word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real) if u["speaker"] == v]
+            speech[v]["recordings_wer"] = float(np.mean(own)) if own else None
     return {"accuracy": acc, "asked": asked, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
 
 
@@ -217,11 +220,13 @@ def table(res: dict) -> str:
         seeds = list(next(iter(res["speech"].values()))["wer_by_seed"])
         wer = "word error rate of generated speech" + (f" (mean; seeds {' / '.join(map(str, seeds))})"
                                                         if len(seeds) > 1 else "")
-        lines += ["", f"| voice | {wer} | mel distance to the recording |", "|---|---:|---:|"]
+        lines += ["", f"| voice | {wer} | its recordings, heard | mel distance to the recording |",
+                  "|---|---:|---:|---:|"]
         for v, s in res["speech"].items():
             md = "–" if s["mel_distance"] is None else f"{s['mel_distance']:.3f}"
+            own = "–" if s.get("recordings_wer") is None else f"{100 * s['recordings_wer']:.1f} %"
             each = f" ({' / '.join(f'{100 * w:.1f}' for w in s['wer_by_seed'].values())})" if len(seeds) > 1 else ""
-            lines.append(f"| {v} | {100 * s['wer']:.1f} %{each} | {md} |")
+            lines.append(f"| {v} | {100 * s['wer']:.1f} %{each} | {own} | {md} |")
     if res["vocoder"].get("bigvgan"):
         lines += ["", "| the held-out recordings, through | word error rate | mel distance |", "|---|---:|---:|"]
         for name, label in (("bigvgan", "their mel -> BigVGAN"), ("griffin_lim", "their mel -> Griffin-Lim"),

@@ -290,6 +290,10 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
     assert set(res["speech"]) == set(train_tiny.SPEAKERS)
     for s in res["speech"].values():     # every text spoken once per seed; the figure is the mean over the seeds
         assert sorted(s["wer_by_seed"]) == ["0", "1"] and s["wer"] == pytest.approx(sum(s["wer_by_seed"].values()) / 2)
+    # each voice's own recordings heard by the same ear (--per-voice 1: the first 4 held-out recordings); the
+    # figure over all of them is a mean of these per-voice figures, so it lies between them
+    heard = [s["recordings_wer"] for s in res["speech"].values() if s["recordings_wer"] is not None]
+    assert heard and min(heard) - 1e-9 <= res["vocoder"]["real_recordings_wer"] <= max(heard) + 1e-9
     with pytest.raises(SystemExit):
         evaluate.main(["--checkpoint", str(quick_run / "checkpoint"), "--seeds", "0,x"])
     for name in ("bigvgan", "griffin_lim", "codes_dit_bigvgan", "codes_centroids_griffin_lim"):
@@ -297,6 +301,7 @@ def test_evaluate_reports_every_task_voice_and_part_of_the_speech_chain(quick_ru
     doc = readme.read_text()
     assert "old" not in doc and doc.endswith("<!-- results:end -->\ntail\n")
     assert "their codec codes -> DiT -> BigVGAN" in doc and "| asr |" in doc and "| 95 % interval |" in doc
+    assert "| its recordings, heard |" in doc
     with pytest.raises(ValueError, match="right=3, n=2"):
         evaluate.wilson_interval(3, 2)
     assert "word error rate of generated speech (mean; seeds 0 / 1)" in doc and "--seeds 0,1`" in doc
