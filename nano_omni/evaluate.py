@@ -6,10 +6,12 @@
     python -m nano_omni.evaluate --checkpoint DIR --tasks asr --seeds 0,1,2   # the speech half, over three seeds
     python -m nano_omni.evaluate --checkpoint DIR --tasks asr --judge checkpoints/tiny  # heard by a fixed judge
 
-1. Understanding: exact-match accuracy per task (greedy answers).
+1. Understanding: exact-match accuracy per task (greedy answers), with the count right of asked and Wilson's 95 %
+   interval.
 2. Speech: every voice speaks every held-out transcript (Thinker -> Talker -> DiT -> BigVGAN, the official sampling
    defaults with a fixed seed, or once per seed of --seeds); the trained Thinker transcribes it back (or, with
-   --judge, another checkpoint's Thinker); word error rate per voice. Also the mel distance (DTW-aligned mean
+   --judge, another checkpoint's Thinker); word error rate per voice, beside that of the voice's own held-out
+   recordings heard by the same ear (the floor its speech meets). Also the mel distance (DTW-aligned mean
    absolute difference of log mels) to the real recording of that text by that voice.
 3. The chain, part by part: the real held-out recordings -> their mel -> BigVGAN or Griffin-Lim, and -> their codec
    codes -> DiT -> BigVGAN (the chain without the Talker) or -> the codes' centroids -> Griffin-Lim (what the codes
