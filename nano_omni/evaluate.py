@@ -241,12 +241,20 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
+RESULTS_MARKERS = ("<!-- results:begin -->", "<!-- results:end -->")
+
+
+def has_results_markers(doc: str) -> bool:
+    """Whether the text `doc` holds both markers `write_readme` writes between."""
+    return all(m in doc for m in RESULTS_MARKERS)
+
+
 def write_readme(path: Path, text: str) -> None:
     from .checkpoint import atomic_write_bytes
 
-    begin, end = "<!-- results:begin -->", "<!-- results:end -->"
+    begin, end = RESULTS_MARKERS
     doc = path.read_text()
-    if begin not in doc or end not in doc:
+    if not has_results_markers(doc):
         raise ValueError(f"{path} has no {begin} ... {end} markers to write the results between")
     head, rest = doc.split(begin, 1)
     atomic_write_bytes(path, (head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]).encode())
@@ -293,9 +301,9 @@ def main(argv=None):
             ap.error(f"{flag} {ck}: no such model directory")
     if a.write_readme:                # the outputs are checked before the minutes of measuring, not after
         doc = Path(a.write_readme)
-        if not doc.is_file() or "<!-- results:begin -->" not in doc.read_text():
-            ap.error(f"--write-readme {doc}: needs an existing file holding the <!-- results:begin --> ... "
-                     f"<!-- results:end --> markers")
+        if not doc.is_file() or not has_results_markers(doc.read_text()):
+            ap.error(f"--write-readme {a.write_readme}: needs an existing file holding the "
+                     f"{' ... '.join(RESULTS_MARKERS)} markers")
     if a.json and (Path(a.json).is_dir() or not Path(a.json).resolve().parent.is_dir()):
         ap.error(f"--json {a.json}: cannot be written (a folder, or its folder does not exist)")
     from .training import pick_device
