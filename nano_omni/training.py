@@ -34,19 +34,19 @@ from .checkpoint import atomic_write_bytes
 def pick_device(name: str = "auto") -> torch.device:
     """"auto": CUDA, else Apple's MPS, else the CPU; or the device named ("cpu", "cuda", "cuda:1", "mps"), refused
     with a ValueError when torch cannot parse it or this machine lacks it."""
+    have = {"cuda": torch.cuda.is_available(),
+            "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
     if name != "auto":
         try:
             dev = torch.device(name)
         except (RuntimeError, TypeError):
             raise ValueError(f"device {name!r} is not one of auto, cpu, cuda, cuda:N, mps") from None
-        mps = getattr(torch.backends, "mps", None)
-        if (dev.type == "cuda" and not torch.cuda.is_available()) or (
-                dev.type == "mps" and not (mps is not None and mps.is_available())):
+        if not have.get(dev.type, True):
             raise ValueError(f"device {name!r}: this machine's torch has no {dev.type} device (try auto or cpu)")
         return dev
-    if torch.cuda.is_available():
+    if have["cuda"]:
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if have["mps"]:
         return torch.device("mps")
     return torch.device("cpu")
 
