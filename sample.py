@@ -155,8 +155,9 @@ def run(a, out: Path, speaking: bool, ck: Path, device: torch.device) -> None:
     # -- speak a given text ----------------------------------------------------------------------------------
     if a.text or not (a.prompt or a.audio or a.image or a.video):
         text = a.text or "hello there"
-        unknown = [w for w in text.split() if len(tok.encode(" " + w)) > 1]   # the toy BPE holds its words whole
-        if tiny and unknown:
+        # the toy BPE holds each of its words whole (official vocabularies split words freely: not checked there)
+        unknown = [w for w in text.split() if len(tok.encode(" " + w)) > 1] if tiny else []
+        if unknown:
             verb = "is not a word" if len(unknown) == 1 else "are not words"
             print(f"note: {', '.join(map(repr, unknown))} {verb} of this tiny model's vocabulary; it learnt to say "
                   f"digits, colours, shapes and a few phrases, so expect it to mumble there", file=sys.stderr)
