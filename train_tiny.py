@@ -87,6 +87,9 @@ class TrainConfig:
                                    # on, stage 2's first steps undo what the readout taught: docs/experiments.md,
                                    # "Encoders that learn before they meet the LLM")
     s2_steps: int = 7950           # 318 rounds of task_turns' 25 steps (was 7,000 in 11-step rounds: video 636 steps)
+    s2_ctc: float = 0.3            # stage 2 (with task_batches): weight of stage 1's CTC speech readout on the asr
+                                   # batches' audio, beside the Thinker's loss (0: off); held-out asr 85.9 -> 97.8 %
+                                   # (docs/experiments.md, "Joint CTC in stage 2")
     s3_steps: int = 120
     s3_items: int = 3              # examples per conversation in stage 3
     s3_lr: float = 2e-4            # a tenth of stage 2's: at stage 2's own rate these 120 steps undid most of what
@@ -443,8 +446,23 @@ def task_turns(spec: str) -> dict:
     return out
 
 
+def ctc_loss_sum(logits: torch.Tensor, n_tok: list[int], labels: torch.Tensor, index: dict[int, int]):
+    """CTC of SpeechReadout scores (total audio tokens, 1 + words), the audios one after another (n_tok each),
+    against each row's answer tokens (its labels that are not -100, without the closing <|im_end|>) as indices
+    into the readout's columns (`index`: token id -> column). Returns (summed loss, number of target tokens)."""
+    logp = nn.utils.rnn.pad_sequence(list(logits.float().log_softmax(-1).split(n_tok)))    # (T, B, 1 + words)
+    targets = [[index[i] for i in row[row != -100].tolist()[:-1]] for row in labels]
+    loss = F.ctc_loss(logp, torch.tensor([i for t in targets for i in t], device=logits.device), n_tok,
+                      [len(t) for t in targets], blank=0, reduction="sum", zero_infinity=True)
+    return loss, sum(len(t) for t in targets)
+
+
 def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool, redraw: frozenset = frozenset(),
-                 by_task: bool = False):
+                 by_task: bool = False, ctc_rows: list[int] | None = None):
+    """Stages 1-3: the Thinker's next-token loss on batches of `data`. With `ctc_rows` ([blank, transcript
+    tokens...]) and by_task, an asr batch adds --train.s2_ctc times the CTC loss of SpeechReadout(ctc_rows) on the
+    audio tokens the encoder gave for this very forward pass (one encoder pass serves both losses); the log keeps
+    the Thinker's loss alone."""
     groups = {}
     for i, it in enumerate(data.items):
         groups.setdefault(it.task, []).append(i)
@@ -453,6 +471,10 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
     # epoch by epoch per copy, not across copies (the shipped checkpoint was trained this way).
     names = [k for k in sorted(groups) for _ in range(turns.get(k, 1))]
     groups = [groups[k] for k in names]
+    readout = None
+    if ctc_rows and by_task and run.t.s2_ctc:
+        readout = SpeechReadout(run.model.thinker, ctc_rows[1:], ctc_rows[0]).to(run.device)
+        index = {tok: k for k, tok in enumerate(ctc_rows)}
 
     def loss_fn(step: int, module):
         if by_task:
@@ -465,11 +487,21 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
         x = x.to(run.device)
         if sequential:   # the lesson's baseline: every token one position after the last, media or not
             x.positions, _ = text_positions(x.attention_mask)
-        logits = module(**x.model_kwargs()).logits
+        kw = x.model_kwargs()
+        audio = None
+        if readout is not None and names[step_group(len(groups), step, run.t.seed)] == "asr":
+            audio = readout.thinker.audio_tower(kw.pop("audio_features"), kw.pop("audio_lengths"))
+            kw["audio_embeds"] = audio                                    # the Thinker reads what CTC scores
+        logits = module(**kw).logits
         labels = labels.to(run.device)[:, 1:]
         loss_sum = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum")
-        return token_mean_loss(loss_sum, int((labels != -100).sum()))
+        term, value = token_mean_loss(loss_sum, int((labels != -100).sum()))
+        if audio is not None:
+            n_tok = [AudioEncoder.token_count(int(n)) for n in x.audio_lengths]
+            ctc, n_targets = ctc_loss_sum(readout.head(audio), n_tok, labels, index)
+            term = term + token_mean_loss(run.t.s2_ctc * ctc, n_targets)[0]
+        return term, value
     if by_task:      # the loop logs each step's task
         loss_fn.task_of = lambda step: names[step_group(len(groups), step, run.t.seed)]
     return loss_fn
@@ -504,12 +536,8 @@ def speech_readout_loss(run: Run, data: ThinkerData, batch_size: int, rows: list
         x, labels = data.batch(local_share(step_indices(len(data), batch_size, step, run.t.seed + 1)),
                                redraw_seed=seed, redraw=frozenset(["asr"]))
         n_tok = [AudioEncoder.token_count(int(n)) for n in x.audio_lengths]
-        logp = module(x.audio_features.to(run.device), x.audio_lengths).float().log_softmax(-1)
-        logp = nn.utils.rnn.pad_sequence(list(logp.split(n_tok)))                    # (T, B, 1 + words)
-        targets = [[index[i] for i in row[row != -100].tolist()[:-1]] for row in labels]
-        loss = F.ctc_loss(logp, torch.tensor([i for t in targets for i in t], device=run.device), n_tok,
-                          [len(t) for t in targets], blank=0, reduction="sum", zero_infinity=True)
-        return token_mean_loss(loss, sum(len(t) for t in targets))
+        logits = module(x.audio_features.to(run.device), x.audio_lengths)
+        return token_mean_loss(*ctc_loss_sum(logits, n_tok, labels.to(run.device), index))
     return loss_fn
 
 
@@ -570,8 +598,9 @@ def stage_thinker(run: Run, stage: int) -> dict:
     data = ThinkerData(ex, run.proc, run.tok, avoid=avoid)
     steps = t.s2_steps if stage == 2 else t.s3_steps
     bs = t.batch_size if stage == 2 else max(2, t.batch_size // t.s3_items)
-    loss = thinker_loss(run, data, bs, seq, redraw=redraw,
-                        by_task=stage == 2 and t.task_batches)
+    asr = [e for e in ex if e["task"] == "asr"] if stage == 2 else []
+    loss = thinker_loss(run, data, bs, seq, redraw=redraw, by_task=stage == 2 and t.task_batches,
+                        ctc_rows=[run.cfg.tokens.pad, *transcript_tokens(run.tok, asr)] if asr else None)
     return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr if stage == 2 else t.s3_lr, loss, th)
 
 

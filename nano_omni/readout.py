@@ -8,6 +8,10 @@ and output layer (`lm_head`), so that no head is added and thrown away:
     PictureReadout   a picture's merged vision tokens, averaged -> the answer words of each picture question
     SpeechReadout    every audio token -> a blank (the pad token's row) or a token transcripts are written in (CTC)
 
+Stage 2 keeps SpeechReadout's CTC loss beside the Thinker's own on its asr batches (joint CTC and attention
+training, as in Watanabe et al. 2017: the encoder keeps every spoken word in its own stretch of audio tokens,
+which held-out transcripts need most where a digit is said twice; train_tiny.py, --train.s2_ctc).
+
 `readout_accuracy` measures what an encoder knows on its own this way: meaningful on a checkpoint right after stage
 1 (`python train_tiny.py --out R --stage 1`, then `python -m nano_omni.evaluate --checkpoint R/checkpoint
 --readouts`); stage 2 trains the output layer on, and the readouts of a finished model no longer line up.
@@ -54,8 +58,13 @@ class SpeechReadout(nn.Module):
         self.register_buffer("rows", torch.tensor([blank, *ids]), persistent=False)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.head(self.thinker.audio_tower(features, lengths))
+
+    def head(self, audio_embeds: torch.Tensor) -> torch.Tensor:
+        """The scores of audio tokens the encoder already gave (total audio tokens, d) -> (total, 1 + len(ids)):
+        what stage 2 scores its asr batches' audio with, beside the Thinker's own loss (train_tiny.py, s2_ctc)."""
         th = self.thinker
-        return th.model.norm(th.audio_tower(features, lengths)) @ th.lm_head.weight[self.rows].T
+        return th.model.norm(audio_embeds) @ th.lm_head.weight[self.rows].T
 
 
 def transcript_tokens(tok, examples: list[dict]) -> list[int]:

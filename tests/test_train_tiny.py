@@ -826,6 +826,49 @@ def test_readout_accuracy_counts_what_the_readouts_say(quick_run, monkeypatch, c
                    "asr": round(100 * (len(test) - 1) / len(test), 1)}
 
 
+def test_stage_two_adds_the_speech_readouts_ctc_on_asr_batches(quick_run):
+    """--train.s2_ctc: an asr batch of stage 2 backpropagates the Thinker's loss plus s2_ctc times the speech
+    readout's CTC per target token, on the audio tokens of the same encoder pass; other batches, and the logged
+    value, are the Thinker's loss alone; s2_ctc=0 leaves the asr batch's term the Thinker's loss too."""
+    from types import SimpleNamespace
+
+    from nano_omni.audio_enc import AudioEncoder
+    from nano_omni.data import IMAGE_PIXELS, VIDEO_PIXELS, ThinkerData, load_examples
+    from nano_omni.processor import Processor
+    from nano_omni.training import task_step_indices
+
+    model, tok = load_model(quick_run / "checkpoint", dtype=torch.float32)
+    th = model.thinker
+    ex = load_examples("train", tasks={"asr"})[:8] + load_examples("train", tasks={"text_add"})[:8]
+    data = ThinkerData(ex, Processor(model.cfg, tok, image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS), tok)
+    rows = [model.cfg.tokens.pad, *transcript_tokens(tok, ex[:8])]
+
+    def run_with(ctc):
+        return SimpleNamespace(t=train_tiny.TrainConfig(s2_ctc=ctc), device=torch.device("cpu"), model=model)
+    on = train_tiny.thinker_loss(run_with(0.3), data, 4, False, by_task=True, ctc_rows=rows)
+    off = train_tiny.thinker_loss(run_with(0.0), data, 4, False, by_task=True, ctc_rows=rows)
+    names = ["asr"] * 8 + ["text_add"] * 2                     # the default task_turns: asr=8, text_add=2, sorted
+    groups = [list(range(8)) if n == "asr" else list(range(8, 16)) for n in names]
+    seen = set()
+    with torch.no_grad():
+        for step in range(10):
+            task = on.task_of(step)
+            seen.add(task)
+            (t_on, v_on), (t_off, v_off) = on(step, th), off(step, th)
+            assert v_on == v_off and float(t_off) == pytest.approx(v_off, rel=1e-6)
+            if task != "asr":
+                assert float(t_on) == float(t_off)
+                continue
+            x, labels = data.batch(task_step_indices(groups, 4, step, 0))
+            n_tok = [AudioEncoder.token_count(int(n)) for n in x.audio_lengths]
+            scores = SpeechReadout(th, rows[1:], rows[0])(x.audio_features, x.audio_lengths)
+            ctc, n = train_tiny.ctc_loss_sum(scores, n_tok, labels[:, 1:], {t: k for k, t in enumerate(rows)})
+            assert n == sum(len(tok.encode(ex[i]["answer"])) for i in task_step_indices(groups, 4, step, 0))
+            assert 0 < float(ctc) / n < 100
+            assert float(t_on - t_off) == pytest.approx(0.3 * float(ctc) / n, rel=1e-4)
+    assert seen == {"asr", "text_add"}
+
+
 def test_stages_two_and_three_keep_the_vision_encoder_stage_one_taught(tmp_path, monkeypatch):
     """--train.frozen_vision (default): after stage 1, stages 2 and 3 leave the vision encoder as it is and train
     the rest; with the switch off, or on a run whose stage 1 never ran (stage 2 alone), it trains too."""
