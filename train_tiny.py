@@ -4,14 +4,15 @@ The paper's recipe (sections 3 and 4), at toy scale:
   1 encoders    the audio and vision encoders learn to talk to a frozen LLM: their projections first, then all,
                 then each alone through the LLM's output layer (pictures named, transcripts spelled: PictureReadout,
                 SpeechReadout), standing in for the pretrained encoders the real model starts from
-  2 multimodal  everything but the vision encoder unfrozen on every task (speech, images, video with sound, text)
+  2 multimodal  everything but the vision encoder unfrozen on every task (speech, images, video with sound, text);
+                asr batches also keep stage 1's CTC speech readout on (joint CTC, --train.s2_ctc)
   3 long        longer prompts: several items answered turn after turn in one conversation
   4 talker      the Talker learns codes from (Thinker hidden states + reply embeddings), speech-continuation style
   5 dpo         optional: the Talker prefers the sample the Thinker transcribes better (DPO loss written out)
   6 dit         the flow-matching DiT learns codes -> mel with speaker conditioning
   7 vocoder     BigVGAN learns mel -> waveform (mel L1 + multi-resolution STFT losses)
 
-    python train_tiny.py                          # stages 1-4, 6, 7 into runs/tiny (26-52 min on 2 CPU cores)
+    python train_tiny.py                          # stages 1-4, 6, 7 into runs/tiny (27-54 min on 2 CPU cores)
     python train_tiny.py --quick --out /tmp/q      # a few steps of everything (the tests use it)
     python train_tiny.py --stage 4 --stage 6       # only these stages (the earlier ones must have run)
     python train_tiny.py --resume                  # continue a killed run; losses repeat exactly
@@ -88,8 +89,8 @@ class TrainConfig:
                                    # "Encoders that learn before they meet the LLM")
     s2_steps: int = 7950           # 318 rounds of task_turns' 25 steps (was 7,000 in 11-step rounds: video 636 steps)
     s2_ctc: float = 0.3            # stage 2 (with task_batches): weight of stage 1's CTC speech readout on the asr
-                                   # batches' audio, beside the Thinker's loss (0: off); held-out asr 85.9 -> 97.8 %
-                                   # (docs/experiments.md, "Joint CTC in stage 2")
+                                   # batches' audio, beside the Thinker's loss (0: off); held-out asr 85.9 -> 97.8 %,
+                                   # another seed 73.9 -> 88.0 % (docs/experiments.md, "Joint CTC in stage 2")
     s3_steps: int = 120
     s3_items: int = 3              # examples per conversation in stage 3
     s3_lr: float = 2e-4            # a tenth of stage 2's: at stage 2's own rate these 120 steps undid most of what
