@@ -472,6 +472,10 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
     # epoch by epoch per copy, not across copies (the shipped checkpoint was trained this way).
     names = [k for k in sorted(groups) for _ in range(turns.get(k, 1))]
     groups = [groups[k] for k in names]
+
+    def task_of(step: int) -> str:      # with by_task: the task whose items make up the batch of `step`
+        return names[step_group(len(groups), step, run.t.seed)]
+
     readout = None
     if ctc_rows and by_task and run.t.s2_ctc:
         readout = SpeechReadout(run.model.thinker, ctc_rows[1:], ctc_rows[0]).to(run.device)
@@ -490,7 +494,7 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
             x.positions, _ = text_positions(x.attention_mask)
         kw = x.model_kwargs()
         audio = None
-        if readout is not None and names[step_group(len(groups), step, run.t.seed)] == "asr":
+        if readout is not None and task_of(step) == "asr":
             audio = readout.thinker.audio_tower(kw.pop("audio_features"), kw.pop("audio_lengths"))
             kw["audio_embeds"] = audio                                    # the Thinker reads what CTC scores
         logits = module(**kw).logits
@@ -504,7 +508,7 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
             term = term + token_mean_loss(run.t.s2_ctc * ctc, n_targets)[0]
         return term, value
     if by_task:      # the loop logs each step's task
-        loss_fn.task_of = lambda step: names[step_group(len(groups), step, run.t.seed)]
+        loss_fn.task_of = task_of
     return loss_fn
 
 
