@@ -5,6 +5,7 @@
     python -m nano_omni.evaluate --checkpoint R/checkpoint --readouts   # after `train_tiny.py --out R --stage 1`
     python -m nano_omni.evaluate --checkpoint DIR --tasks asr --seeds 0,1,2   # the speech half, over three seeds
     python -m nano_omni.evaluate --checkpoint DIR --tasks asr --judge checkpoints/tiny  # heard by a fixed judge
+    python -m nano_omni.evaluate --checkpoint DIR --no-speech --split train  # the training items: memorised or learnt?
 
 1. Understanding: exact-match accuracy per task (greedy answers), with the count right of asked and Wilson's 95 %
    interval.
@@ -18,7 +19,9 @@
    alone hold) -> transcribed -> word error rate, and the mel distance to the original. Read with 2, this says
    which part loses the words.
 The README's results table is written by --write-readme, between the markers it already holds. --readouts measures
-only what each encoder knows alone, through stage 1's readouts (nano_omni/readout.py).
+only what each encoder knows alone, through stage 1's readouts (nano_omni/readout.py). --split train asks the
+understanding tasks' training items instead of the held-out ones: a task answered far better there than held out
+has been memorised, not learnt (video_cue_colour, whose 400 training clips are never drawn anew, can be).
 """
 from __future__ import annotations
 
@@ -138,7 +141,7 @@ def speak(model, tok, text: str, voice: str, seed: int = 0, max_codes: int = 500
 @torch.no_grad()
 def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, seed: int = 0, tasks=None,
              positions: str = "tmrope", with_speech: bool = True, codec=None, seeds: list[int] | None = None,
-             judge: tuple | None = None) -> dict:
+             judge: tuple | None = None, split: str = "test") -> dict:
     """Held-out accuracy per task, then (with_speech) the speech half judged by the model's own Thinker: generated
     speech per voice, and the real test recordings through each part of the chain (their mel through BigVGAN and
     Griffin-Lim; with `codec`, a SpeechCodec, their codes through the DiT and BigVGAN), so that where
@@ -146,7 +149,9 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
     and one seed moves a voice's word error rate by several points); the figures are then means over the seeds,
     each seed's word error rate kept in `wer_by_seed`. Default: [seed]. judge: (model, tokenizer) whose Thinker
     transcribes the speech instead of `model`'s own: one fixed judge makes the speech figures of two models
-    comparable (each model's own Thinker hears differently; README, "The shipped tiny model")."""
+    comparable (each model's own Thinker hears differently; README, "The shipped tiny model"). split: the
+    split the understanding tasks are asked from ("test", or "train" to see what was memorised); the speech
+    measurements always use the held-out recordings."""
     seeds = list(seeds) if seeds else [seed]
     model.eval()
     cfg = model.cfg
@@ -157,7 +162,7 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
         ear_proc = Processor(ear.cfg, judge[1], image_pixels=IMAGE_PIXELS, video_pixels=VIDEO_PIXELS)
     t0 = time.time()
     # 1. understanding
-    ex = load_examples("test", root, tasks=tasks)
+    ex = load_examples(split, root, tasks=tasks)
     by_task = defaultdict(list)
     for e in ex:
         by_task[e["task"]].append(e)
@@ -208,11 +213,13 @@ def evaluate(model, tok, *, root=ROOT, per_task: int = 0, per_voice: int = 0, se
         for v in speech:   # each voice's own recordings, by the same ear: the floor its generated speech meets
             own = [word_error_rate(u["transcript"], h) for u, h in zip(real, asr_real) if u["speaker"] == v]
             speech[v]["recordings_wer"] = float(np.mean(own)) if own else None
-    return {"accuracy": acc, "asked": asked, "speech": speech, "vocoder": voc, "seconds": round(time.time() - t0, 1)}
+    return {"accuracy": acc, "asked": asked, "split": split, "speech": speech, "vocoder": voc,
+            "seconds": round(time.time() - t0, 1)}
 
 
 def table(res: dict) -> str:
-    lines = ["| held-out task | exact match | right / asked | 95 % interval |", "|---|---:|---:|---:|"]
+    which = "training" if res.get("split") == "train" else "held-out"
+    lines = [f"| {which} task | exact match | right / asked | 95 % interval |", "|---|---:|---:|---:|"]
     for t, a in res["accuracy"].items():
         n = res["asked"][t]
         right = round(a * n)
@@ -274,6 +281,8 @@ def main(argv=None):
     ap.add_argument("--positions", choices=["tmrope", "sequential"], default="tmrope",
                     help="the position ids the model was trained with")
     ap.add_argument("--no-speech", action="store_true", help="skip the speech measurements")
+    ap.add_argument("--split", choices=["test", "train"], default="test",
+                    help="the items the understanding tasks are asked from (train: with --no-speech, not for the README)")
     ap.add_argument("--readouts", action="store_true",
                     help="only what each encoder knows alone, read out through the LLM's output layer (stage 1's "
                          "readouts, nano_omni/readout.py; for a checkpoint right after stage 1)")
@@ -294,6 +303,9 @@ def main(argv=None):
     tasks = set(a.tasks.split(",")) if a.tasks else None
     if tasks and tasks - set(TASKS):
         ap.error(f"--tasks: unknown task(s) {sorted(tasks - set(TASKS))}; the tasks are {', '.join(TASKS)}")
+    if a.split == "train" and not (a.no_speech and not a.write_readme and not a.readouts):
+        ap.error("--split train asks only the understanding tasks' training items: give --no-speech, "
+                 "and neither --write-readme (the README holds held-out figures) nor --readouts")
     if a.threads < 0:
         ap.error(f"--threads must be 0 (torch's default) or more, got {a.threads}")
     for flag, ck in (("--checkpoint", a.checkpoint), ("--judge", a.judge)):
@@ -328,7 +340,7 @@ def main(argv=None):
     codec = SpeechCodec.load(codec_file) if codec_file.is_file() else None
     res = evaluate(model, tok, per_task=a.per_task, per_voice=a.per_voice, seed=a.seed, seeds=seeds,
                    tasks=tasks, positions=a.positions,
-                   with_speech=not a.no_speech, codec=codec, judge=judge)
+                   with_speech=not a.no_speech, codec=codec, judge=judge, split=a.split)
     if a.judge:
         res["judge"] = a.judge
     text = table(res)

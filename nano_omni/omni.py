@@ -164,7 +164,13 @@ class Omni(nn.Module):
         spk_ids = torch.full((B, 1), voice.bos_id, device=ids.device)
         speaker = self.thinker.model.embed_tokens(spk_ids)                        # (B, 1, d)
         first_reply = second.hidden + second.embeds                               # R_0, (B, 1, d)
-        text_ids = torch.cat([ids, spk_ids, first.token[:, None]], 1)
+        # The reply's first token is text to the positions whatever its id: an untrained Thinker can say a media
+        # placeholder, which get_rope_index would take for a picture or a sound the prompt does not hold (the
+        # reference finds media by their start tokens, so a stray placeholder is text to it as well).
+        said = first.token[:, None]
+        said = said.masked_fill(torch.isin(said, torch.tensor([tk.audio_pad, tk.image_pad, tk.video_pad],
+                                                              device=said.device)), tk.im_end)
+        text_ids = torch.cat([ids, spk_ids, said], 1)
         full_mask = torch.cat([mask, mask.new_ones(B, 2)], 1)
         positions, deltas = get_rope_index(
             text_ids, tk, attention_mask=full_mask, image_grid_thw=inputs.image_grid_thw,

@@ -87,6 +87,31 @@ def test_generate_and_stream_give_the_same_text_and_speech(model):
     assert kinds.index("audio") > kinds.index("text")          # text first, then speech, as it is produced
 
 
+@pytest.mark.parametrize("pad", ["image_pad", "video_pad", "audio_pad"])
+def test_a_reply_that_begins_with_a_media_placeholder_is_spoken_as_text(model, monkeypatch, pad):
+    """An untrained Thinker can say a media placeholder first (the README's random model did, 1 seed in 100). The
+    Talker's positions read it as text: the speech equals that of the same reply beginning with a plain token,
+    where it used to stop with "the prompt holds image placeholders but no image_grid_thw was given"."""
+    x = _inputs(["Hello there!"])
+    real = model.thinker.stream
+
+    def saying(first_id):
+        def stream(*a, **kw):
+            steps = real(*a, **kw)
+            step = next(steps)
+            yield type(step)(torch.full_like(step.token, first_id), step.hidden, step.embeds)
+            yield from steps
+        return stream
+
+    codes = {}
+    for name, first_id in ((pad, getattr(TK, pad)), ("text", TK.im_end)):
+        monkeypatch.setattr(model.thinker, "stream", saying(first_id))
+        events = list(model._events(x, "amy", dict(max_new_tokens=4, stop_ids=[-1]), GREEDY_TALKER, {}, 0))
+        assert int(events[0][1][0]) == first_id
+        codes[name] = torch.stack([v for k, v in events if k == "codes"], 1)
+    assert codes[pad].shape[1] > 0 and torch.equal(codes[pad], codes["text"])
+
+
 def test_text_only_generation_skips_the_speech_half():
     cfg = get_config("tiny", enable_audio_output=False)
     m = Omni(cfg).eval()

@@ -482,6 +482,30 @@ def test_sample_says_which_words_the_tiny_model_does_not_know(tmp_path, capsys):
     assert out.stat().st_size > 44 and "'banana' is not a word" in err and "three" not in err
 
 
+def test_evaluate_asks_the_training_items_with_split_train(monkeypatch, capsys):
+    """--split train: the understanding tasks are asked their training items, in file order, and the table says
+    so (a task answered far better there than held out was memorised); the default stays the held-out items."""
+    from nano_omni import evaluate
+    from nano_omni.data import load_examples
+
+    asked = []
+    real = evaluate.ThinkerData
+    monkeypatch.setattr(evaluate, "ThinkerData", lambda items, *a, **kw: (asked.append(
+        [e["question"] for e in items]), real(items, *a, **kw))[1])
+    for split in ("train", "test"):
+        asked.clear()
+        evaluate.main(["--checkpoint", str(SHIPPED), "--tasks", "text_copy", "--per-task", "3", "--no-speech",
+                       *(["--split", split] if split == "train" else [])])
+        out = capsys.readouterr().out
+        want = [e["question"] for e in load_examples(split, tasks={"text_copy"})[:3]]
+        assert asked == [want], split
+        res = json.loads(out.strip().splitlines()[-1])
+        assert res["split"] == split and res["asked"] == {"text_copy": 3}
+        assert ("| training task |" in out) == (split == "train")
+    train_q = {e["question"] for e in load_examples("train", tasks={"text_copy"})}
+    assert not train_q & {e["question"] for e in load_examples("test", tasks={"text_copy"})}   # truly other items
+
+
 def test_evaluate_refuses_bad_arguments_before_measuring(tmp_path, capsys):
     """python -m nano_omni.evaluate: unknown tasks, a device or a folder that does not exist, and outputs that
     cannot be written are refused by name before any model is loaded or measured."""
@@ -496,7 +520,11 @@ def test_evaluate_refuses_bad_arguments_before_measuring(tmp_path, capsys):
                           (["--checkpoint", ck, "--threads", "-1"], "--threads must be 0"),
                           (["--checkpoint", ck, "--write-readme", str(tmp_path / "missing.md")], "markers"),
                           (["--checkpoint", ck, "--write-readme", str(no_markers)], "markers"),
-                          (["--checkpoint", ck, "--json", str(tmp_path / "no" / "r.json")], "cannot be written")):
+                          (["--checkpoint", ck, "--json", str(tmp_path / "no" / "r.json")], "cannot be written"),
+                          (["--checkpoint", ck, "--split", "train"], "--split train"),
+                          (["--checkpoint", ck, "--split", "train", "--no-speech", "--write-readme", str(no_markers)],
+                           "--split train"),
+                          (["--checkpoint", ck, "--split", "nope"], "invalid choice")):
         with pytest.raises(SystemExit):
             evaluate.main(args)
         assert message in capsys.readouterr().err, args
