@@ -70,6 +70,11 @@ class SpecialTokens:
             seen[v] = k
 
     @property
+    def media_pads(self) -> tuple[int, int, int]:
+        """The placeholder ids that stand for media rows: audio, image, video."""
+        return self.audio_pad, self.image_pad, self.video_pad
+
+    @property
     def max_id(self) -> int:
         return max(dataclasses.asdict(self).values())
 

@@ -303,7 +303,7 @@ def main(argv=None):
     tasks = set(a.tasks.split(",")) if a.tasks else None
     if tasks and tasks - set(TASKS):
         ap.error(f"--tasks: unknown task(s) {sorted(tasks - set(TASKS))}; the tasks are {', '.join(TASKS)}")
-    if a.split == "train" and not (a.no_speech and not a.write_readme and not a.readouts):
+    if a.split == "train" and (not a.no_speech or a.write_readme or a.readouts):
         ap.error("--split train asks only the understanding tasks' training items: give --no-speech, "
                  "and neither --write-readme (the README holds held-out figures) nor --readouts")
     if a.threads < 0:

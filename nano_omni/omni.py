@@ -159,7 +159,8 @@ class Omni(nn.Module):
         tk = self.cfg.tokens
         ids, mask = inputs.input_ids, inputs.attention_mask
         B = ids.shape[0]
-        media = (ids == tk.audio_pad) | (ids == tk.image_pad) | (ids == tk.video_pad)
+        pads = torch.tensor(tk.media_pads, device=ids.device)
+        media = torch.isin(ids, pads)
         prompt_embeds = first.embeds.masked_fill(media[..., None], 0.0)          # E(x) is zero at media rows
         spk_ids = torch.full((B, 1), voice.bos_id, device=ids.device)
         speaker = self.thinker.model.embed_tokens(spk_ids)                        # (B, 1, d)
@@ -168,8 +169,7 @@ class Omni(nn.Module):
         # placeholder, which get_rope_index would take for a picture or a sound the prompt does not hold (the
         # reference finds media by their start tokens, so a stray placeholder is text to it as well).
         said = first.token[:, None]
-        said = said.masked_fill(torch.isin(said, torch.tensor([tk.audio_pad, tk.image_pad, tk.video_pad],
-                                                              device=said.device)), tk.im_end)
+        said = said.masked_fill(torch.isin(said, pads), tk.im_end)
         text_ids = torch.cat([ids, spk_ids, said], 1)
         full_mask = torch.cat([mask, mask.new_ones(B, 2)], 1)
         positions, deltas = get_rope_index(

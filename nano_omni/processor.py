@@ -220,7 +220,7 @@ class Processor:
         tk = self.cfg.tokens
         out, k = [], 0
         for t in ids:
-            if t in (tk.audio_pad, tk.image_pad, tk.video_pad):
+            if t in tk.media_pads:
                 out.extend(expansion[k])
                 k += 1
             else:

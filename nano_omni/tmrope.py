@@ -195,7 +195,7 @@ def _row_positions(row, tk, counters, image_grid, video_grid, audio_lengths, spg
         counters[kind] += 1
         return table[i]
 
-    pads = np.isin(ids, [tk.image_pad, tk.video_pad, tk.audio_pad])
+    pads = np.isin(ids, tk.media_pads)
     i = 0
     while i < n:
         # text run up to the next placeholder (bos/eos tokens are text here: they count up by one)
