@@ -54,10 +54,10 @@ from nano_omni.readout import PictureReadout, SpeechReadout, transcript_tokens
 from nano_omni.tmrope import text_positions
 from nano_omni.tokenizer import ByteTokenizer, chat_template
 from nano_omni.toy import PICTURE_ANSWERS, PICTURE_QUESTIONS, TEXT_QUESTIONS, draw_picture, picture_answer
-from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, cosine_lr, dist_info,
-                                has_stage_state, init_distributed, load_stage_state, local_share, pick_device,
-                                save_run_checkpoint, step_generator, step_group, step_indices, task_step_indices,
-                                token_mean_loss)
+from nano_omni.training import (StageLog, autocast, checkpoint_dir, clear_stage_state, close_distributed, cosine_lr,
+                                dist_info, has_stage_state, init_distributed, load_stage_state, local_share,
+                                pick_device, save_run_checkpoint, step_generator, step_group, step_indices,
+                                task_step_indices, token_mean_loss)
 from nano_omni.vision_io import preprocess_images
 
 STAGES = {1: "encoders", 2: "multimodal", 3: "long", 4: "talker", 5: "dpo", 6: "dit", 7: "vocoder"}
@@ -1105,6 +1105,16 @@ def main(argv=None):
     if tok.vocab_size > cfg.thinker.vocab_size:
         raise SystemExit(f"the tokenizer has {tok.vocab_size} ids; thinker.vocab_size is {cfg.thinker.vocab_size}")
     run = Run(args, cfg, tcfg, tok)
+    try:
+        train(run, args)
+    except BaseException:
+        close_distributed(wait=False)          # the other ranks may never reach a barrier
+        raise
+    close_distributed()
+
+
+def train(run: "Run", args) -> None:
+    """Run the stages asked for, in order, skipping those done when resuming."""
     run.dir.mkdir(parents=True, exist_ok=True)
     todo = set(args.stage or (DEFAULT_STAGES + ([5] if args.dpo else [])))
     todo = sorted(todo - {5}) + ([5] if 5 in todo else [])        # DPO speaks, so it comes after the DiT and vocoder

@@ -71,6 +71,16 @@ def init_distributed(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
+def close_distributed(wait: bool = True) -> None:
+    """Leave the process group before the interpreter exits. Left to exit-time teardown, a gloo rank could abort
+    ("terminate called without an active exception", about one two-process run in twenty here) after its work
+    was done, and torchrun then failed the whole run. `wait`: meet the other ranks first."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_sum(x: torch.Tensor) -> torch.Tensor:
     if dist_info()[1] > 1:
         x = x.clone()
