@@ -133,6 +133,8 @@ class TrainConfig:
     fresh_text: bool = True        # stage 2: a new question for every text_copy / text_count item (never a test one;
                                    # with 3 text_count turns: docs/experiments.md, "Encoders that learn before they
                                    # meet the LLM")
+    fresh_video: bool = False      # stage 2: a newly drawn clip for every video_cue_colour item, its cue word one of
+                                   # the training clips' laid at a new moment (data.fresh_clip)
     fresh_speech: bool = True      # stage 2: every other asr item a spliced utterance, a word sequence no recording
                                    # says (data.SpeechPieces; never a held-out transcript)
     s4_fresh: int = 12             # stage 4: items of each batch of 16 spliced anew from the recordings' codes
@@ -597,7 +599,7 @@ def stage_thinker(run: Run, stage: int) -> dict:
     redraw = frozenset()
     if stage == 2:   # fresh items in place of the committed ones (see nano_omni/toy.py)
         redraw = frozenset([*(PICTURE_QUESTIONS if t.fresh_pictures else ()), *(TEXT_QUESTIONS if t.fresh_text else ()),
-                            *(["asr"] if t.fresh_speech else [])])
+                            *(["asr"] if t.fresh_speech else []), *(["video_cue_colour"] if t.fresh_video else [])])
     avoid = frozenset(e["answer" if e["task"] == "asr" else "question"] for e in load_examples("test")
                       if e["task"] in TEXT_QUESTIONS or e["task"] == "asr") if redraw else frozenset()
     data = ThinkerData(ex, run.proc, run.tok, avoid=avoid)

@@ -14,14 +14,17 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 
 from .audio_io import SAMPLE_RATE, load_audio
 from .processor import OmniInputs, Processor
-from .toy import PICTURE_QUESTIONS, TEXT_QUESTIONS, draw_picture, picture_answer
+from .toy import (PAD_S, PICTURE_QUESTIONS, TEXT_QUESTIONS, VIDEO_FPS, VIDEO_QUESTION, clip_scene, cue_track, draw_picture,
+                  picture_answer, render_clip)
 
 ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
 TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour", "text_add", "text_copy",
@@ -90,13 +93,15 @@ def conversation(ex: dict, root: str | Path = ROOT) -> tuple[list[dict], str, bo
         im = ex["image"]
         items.append({"type": "image", "image": str(root / im) if isinstance(im, (str, Path)) else im})
     aiv = False
-    if ex.get("video"):
-        v = ex["video"]
-        try:
-            frames = np.load(root / v["frames"])["frames"]
-        except Exception as e:
-            raise ValueError(f"{root / v['frames']}: cannot read the video frames ({e})") from None
-        items.append({"type": "video", "video": frames, "fps": v["fps"], "audio": str(root / v["audio"])})
+    if ex.get("video"):                 # paths under root, or frames and (waveform, rate) in memory (fresh_clip)
+        v, frames, au = ex["video"], ex["video"]["frames"], ex["video"]["audio"]
+        if isinstance(frames, (str, Path)):
+            try:
+                frames = np.load(root / frames)["frames"]
+            except Exception as e:
+                raise ValueError(f"{root / v['frames']}: cannot read the video frames ({e})") from None
+        items.append({"type": "video", "video": frames, "fps": v["fps"],
+                      "audio": str(root / au) if isinstance(au, (str, Path)) else au})
         aiv = True
     items.append(ex["question"])
     return [{"role": "user", "content": items}], ex["answer"], aiv
@@ -152,6 +157,7 @@ class ThinkerData:
         see `batch`."""
         self.proc, self.tok, self.root, self.avoid = processor, tokenizer, root, avoid
         self.speech = SpeechPieces([ex for ex in examples if isinstance(ex, dict) and ex["task"] == "asr"], root)
+        self.clips = [ex for ex in examples if isinstance(ex, dict) and ex["task"] == "video_cue_colour"]
         self.assistant = tokenizer.encode("assistant\n")
         self.items: list[Example] = [self.example(ex) for ex in examples]
 
@@ -176,9 +182,10 @@ class ThinkerData:
     def batch(self, idx: list[int], augment_seed: int | None = None, redraw_seed: int | None = None,
               redraw: frozenset[str] = frozenset(PICTURE_QUESTIONS)) -> tuple[OmniInputs, torch.Tensor]:
         """(inputs, labels (B, T)) for the items `idx`, right-padded. With augment_seed, the audio features are
-        masked SpecAugment-style; with redraw_seed, every single-turn item of a task in `redraw` (picture tasks
-        and text_copy / text_count) is replaced by a fresh one of the same task: a newly drawn picture or a new
-        question, with its answer; for asr every other item (by seed) is, with a spliced utterance. Training
+        masked SpecAugment-style; with redraw_seed, every single-turn item of a task in `redraw` (picture tasks,
+        text_copy / text_count, video_cue_colour) is replaced by a fresh one of the same task: a newly drawn
+        picture or clip or a new question, with its answer; for asr every other item (by seed) is, with a spliced
+        utterance. Training
         only; both depend only on (seed, item), so they do not change with how a batch is split over processes."""
         items = [self.items[i] for i in idx]
         if redraw_seed is not None:
@@ -199,20 +206,29 @@ class ThinkerData:
         return x, labels
 
     def fresh(self, task: str, seed: int) -> dict:
-        """A new example of `task` (a picture task, a TEXT_QUESTIONS task, or asr: a spliced utterance), never one
-        of the `avoid` questions or transcripts."""
+        """A new example of `task` (a picture task, a TEXT_QUESTIONS task, asr: a spliced utterance, or
+        video_cue_colour: a new clip with a cue word of the training clips), never one of the `avoid` questions or
+        transcripts."""
         if task in PICTURE_QUESTIONS:
             return fresh_picture(task, seed)
+        if task == "video_cue_colour" and self.cue_words:
+            return fresh_clip(seed, self.cue_words)
         rng = np.random.default_rng(seed)
         if task == "asr" and self.speech.speakers:
             return self.speech.splice(rng, seed, self.avoid)
         if task not in TEXT_QUESTIONS:
             raise ValueError(f"task {task!r} has no fresh items here; tasks that do: "
-                             f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS)}, and asr given digit recordings")
+                             f"{sorted(PICTURE_QUESTIONS) + sorted(TEXT_QUESTIONS)}, asr given digit recordings "
+                             f"and video_cue_colour given clips")
         while True:
             q, a = TEXT_QUESTIONS[task](rng)
             if q not in self.avoid:
                 return {"id": f"fresh-{task}-{seed}", "task": task, "question": q, "answer": a}
+
+    @cached_property
+    def cue_words(self) -> list[np.ndarray]:
+        """The cue words of the training clips (read once, when a fresh clip is first asked for)."""
+        return cue_words(self.clips, self.root)
 
     def prompts(self, idx: list[int]) -> OmniInputs:
         """The prompts of the items `idx` (everything before their last answer), left-padded for generation."""
@@ -232,6 +248,41 @@ def fresh_picture(task: str, seed: int) -> dict:
     im, meta = draw_picture(np.random.default_rng(seed))
     return {"id": f"fresh-{task}-{seed}", "task": task, "question": PICTURE_QUESTIONS[task],
             "answer": picture_answer(task, meta), "image": im}
+
+
+def cue_words(clips: list[dict], root: str | Path = ROOT) -> list[np.ndarray]:
+    """The cue word of each clip, cut from its sound track with PAD_S of silence either side, as recorded in the
+    manifest ("cue": {"start", "end"}, seconds, to the millisecond): float32 waveforms at SAMPLE_RATE."""
+    words = []
+    for ex in clips:
+        path = Path(root) / ex["video"]["audio"]
+        try:
+            wav, rate = sf.read(str(path), dtype="float32")
+            start, end = ex["cue"]["start"], ex["cue"]["end"]
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"clip {ex.get('id', '?')}: its cue has no {e} (start and end in seconds)") from None
+        except Exception as e:
+            raise ValueError(f"{path}: cannot read the clip's sound ({e})") from None
+        if rate != SAMPLE_RATE or wav.ndim != 1:
+            raise ValueError(f"{path}: expected mono {SAMPLE_RATE}-Hz audio, got {rate} Hz, shape {wav.shape}")
+        lo, hi = round((start - PAD_S) * rate), round((end + PAD_S) * rate)
+        if not 0 <= start < end <= len(wav) / rate:
+            raise ValueError(f"clip {ex['id']}: cue {start}-{end} s lies outside its {len(wav) / rate:.2f}-s track")
+        words.append(np.pad(wav[max(lo, 0): hi], (max(-lo, 0), max(hi - len(wav), 0))))   # zeros past the ends
+    return words
+
+
+def fresh_clip(seed: int, words: list[np.ndarray]) -> dict:
+    """A new video_cue_colour example: a clip drawn in memory as tiny_data/make_data.py draws them (a new shape,
+    place and colour schedule), its sound one of `words` (cue_words) laid at a new moment; seeded by `seed`."""
+    rng = np.random.default_rng(seed)
+    scene = clip_scene(rng)
+    word = words[int(rng.integers(len(words)))]
+    track, cue = cue_track(rng, word, SAMPLE_RATE, round(PAD_S * SAMPLE_RATE))
+    return {"id": f"fresh-video_cue_colour-{seed}", "task": "video_cue_colour", "question": VIDEO_QUESTION,
+            "answer": scene["schedule"][cue["second"]],
+            "video": {"frames": render_clip(scene), "fps": VIDEO_FPS, "audio": (track, SAMPLE_RATE)},
+            "scene": scene, "cue": cue}
 
 
 DIGIT_WORDS = frozenset("zero one two three four five six seven eight nine".split())

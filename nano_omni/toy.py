@@ -24,6 +24,10 @@ IMAGE_SIZE = 84
 PICTURE_QUESTIONS = {"image_shape": "what shape is this?",
                      "image_colour": "what colour is the shape?",
                      "image_count": "how many shapes are there?"}
+VIDEO_SIZE, VIDEO_FPS, VIDEO_SECONDS = 56, 2.0, 4    # clips: 8 frames of 56x56, a colour per whole second
+PAD_S = 0.05                                         # silence kept before and after each recorded word
+CUE_WORD, CUE_MARGIN = "now", 0.3                    # the cue's midpoint stays >= 0.3 s from any colour change
+VIDEO_QUESTION = f"what colour was the shape when the voice said {CUE_WORD}?"
 PICTURE_ANSWERS = {"image_shape": SHAPES, "image_colour": tuple(COLOURS),     # what each can answer (draw_picture
                    "image_count": NUMBERS[1:4]}                               # draws one to three shapes)
 
@@ -79,6 +83,52 @@ def render_picture(shape: str, colour: str, positions: list, r: int) -> Image.Im
 def picture_answer(task: str, meta: dict) -> str:
     """The answer a picture task expects for a picture described by `meta`."""
     return {"image_shape": meta["shape"], "image_colour": meta["colour"], "image_count": NUMBERS[meta["count"]]}[task]
+
+
+def colour_schedule(rng: np.random.Generator) -> list[str]:
+    """One colour per second of a clip; at least three different colours, so the frames alone never give the
+    answer."""
+    names = list(COLOURS)
+    while True:
+        seq = [names[i] for i in rng.integers(len(names), size=VIDEO_SECONDS)]
+        if len(set(seq)) >= 3:
+            return seq
+
+
+def clip_scene(rng: np.random.Generator) -> dict:
+    """What a clip shows: {"shape", "position", "radius", "schedule" (a colour per second)}."""
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    r = int(rng.integers(10, 15))
+    (cx, cy), = place(rng, 1, r, VIDEO_SIZE)
+    return {"shape": shape, "position": [cx, cy], "radius": r, "schedule": colour_schedule(rng)}
+
+
+def render_clip(scene: dict) -> np.ndarray:
+    """The frames a clip's scene describes: (T, H, W, 3) uint8, the shape on black in the colour of its second."""
+    n = int(VIDEO_SECONDS * VIDEO_FPS)
+    frames = np.zeros((n, VIDEO_SIZE, VIDEO_SIZE, 3), np.uint8)
+    for f in range(n):
+        im = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), (0, 0, 0))
+        draw_shape(ImageDraw.Draw(im), scene["shape"], *scene["position"], scene["radius"],
+                   COLOURS[scene["schedule"][int(f / VIDEO_FPS)]])
+        frames[f] = np.asarray(im)
+    return frames
+
+
+def cue_track(rng: np.random.Generator, word: np.ndarray, rate: int, pad: int) -> tuple[np.ndarray, dict]:
+    """A clip's sound: silence with `word` (samples at `rate`, `pad` samples of silence kept at each end) laid so
+    that its spoken middle falls in a random second k, >= CUE_MARGIN from that second's ends, the whole spoken
+    word inside it. Returns (track of VIDEO_SECONDS * rate samples, {"second": k, "start", "end", "mid"} in s)."""
+    k = int(rng.integers(VIDEO_SECONDS))
+    mid = round(float(k + rng.uniform(CUE_MARGIN, 1 - CUE_MARGIN)), 3)
+    spoken = (len(word) - 2 * pad) / rate                                    # the word without its padding
+    if mid - spoken / 2 < k or mid + spoken / 2 > k + 1:
+        raise ValueError(f"the cue word ({spoken:.2f} s) around {mid} s leaves second {k}; widen CUE_MARGIN")
+    start = int(round((mid - spoken / 2) * rate)) - pad                      # where the padded word begins
+    track = np.zeros(VIDEO_SECONDS * rate, word.dtype)
+    lo, hi = max(start, 0), min(start + len(word), len(track))              # the padding may be cut at the ends
+    track[lo:hi] = word[lo - start: hi - start]
+    return track, {"second": k, "start": round(mid - spoken / 2, 3), "end": round(mid + spoken / 2, 3), "mid": mid}
 
 
 def copy_question(rng: np.random.Generator) -> tuple[str, str]:

@@ -2,6 +2,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -174,13 +175,13 @@ def test_fresh_items_leave_positions_to_the_batch(data_copy):
 
     tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
     d = ThinkerData(load_examples("train", data_copy), Processor(CFG, tok), tok, data_copy)
-    fresh = [d.fresh(task, s) for task in [*PICTURE_QUESTIONS, *TEXT_QUESTIONS] for s in range(2)]
+    fresh = [d.fresh(task, s) for task in [*PICTURE_QUESTIONS, *TEXT_QUESTIONS, "video_cue_colour"] for s in range(2)]
     full = [d.example(f).inputs for f in fresh]
     bare = [d.example(f, positions=False).inputs for f in fresh]
     assert all(x.positions is not None for x in full)
     assert all(x.positions is None and x.rope_deltas is None for x in bare)
     a, b = d.proc.collate(full, padding_side="right"), d.proc.collate(bare, padding_side="right")
-    assert a.positions is not None and a.pixel_values is not None
+    assert a.positions is not None and a.pixel_values is not None and a.pixel_values_videos is not None
     for f in fields(a):
         x, y = getattr(a, f.name), getattr(b, f.name)
         assert torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y, f.name
@@ -290,3 +291,96 @@ def test_toy_tokenizer_makes_every_word_one_token():
     assert min(i for s, i in tok.vocab.items() if len(s) > 1) == CFG.tokens.max_id + 5 and tok.vocab_size <= 1024
     assert tok.encode("<|voice_3|>") == [CFG.tokens.max_id + 4]           # the extra specials keep their ids
     assert tok.decode(range(tok.vocab_size), skip_special=True)          # every id decodes
+
+
+def _loud_middle(wav, rate) -> float:
+    """The middle, in seconds, of the stretch of a track where the cue word is loud."""
+    loud = np.nonzero(np.abs(wav) > 0.1 * np.abs(wav).max())[0]
+    return (loud[0] + loud[-1]) / 2 / rate
+
+
+def _colour_at(frames, fps, t) -> str:
+    """The colour of the lit pixels of the frame on screen at t seconds."""
+    from nano_omni.toy import COLOURS
+
+    px = frames[int(t * fps)].reshape(-1, 3)
+    (rgb,) = {tuple(p) for p in px[px.sum(1) > 0]}                        # one colour per frame
+    return next(name for name, c in COLOURS.items() if c == rgb)
+
+
+def test_committed_clips_are_what_the_clip_generator_draws():
+    """Training draws fresh clips with nano_omni/toy.py, the functions make_data.py drew the committed ones with:
+    each committed clip's frames are render_clip of its metadata, pixel for pixel; and its cue word, cut from the
+    track where the manifest says it is, holds all of the track's sound."""
+    import soundfile as sf
+
+    from nano_omni.data import cue_words
+    from nano_omni.toy import render_clip
+
+    for split in ("train", "test"):
+        clips = load_examples(split, tasks={"video_cue_colour"})
+        for ex, word in zip(clips, cue_words(clips)):
+            scene = {"shape": ex["shape"], "position": ex["position"], "radius": ex["radius"],
+                     "schedule": [s["colour"] for s in ex["schedule"]]}
+            assert np.array_equal(render_clip(scene), np.load(ROOT / ex["video"]["frames"])["frames"]), ex["id"]
+            track, rate = sf.read(str(ROOT / ex["video"]["audio"]), dtype="float32")
+            assert np.sum(word.astype(np.float64) ** 2) >= 0.9999 * np.sum(track.astype(np.float64) ** 2), ex["id"]
+            assert abs(len(word) / rate - (ex["cue"]["end"] - ex["cue"]["start"] + 0.1)) < 0.002, ex["id"]
+
+
+def test_fresh_clips_answer_what_sound_and_picture_show(data_copy):
+    """A fresh clip is a function of its seed; its answer is the colour on screen while the cue word is loud,
+    recomputed from the frames and the track alone; over many seeds the cue falls in every second and the answer
+    is not the clip's most frequent colour often enough to guess."""
+    from nano_omni.data import cue_words, fresh_clip
+    from nano_omni.toy import VIDEO_FPS, VIDEO_SECONDS
+
+    words = cue_words(load_examples("train", tasks={"video_cue_colour"})[:20])
+    a, b = fresh_clip(5, words), fresh_clip(5, words)
+    assert a["answer"] == b["answer"] and np.array_equal(a["video"]["frames"], b["video"]["frames"])
+    assert not np.array_equal(a["video"]["frames"], fresh_clip(6, words)["video"]["frames"])
+    seconds, modal = set(), 0
+    for seed in range(100):
+        c = fresh_clip(seed, words)
+        frames, (track, rate) = c["video"]["frames"], c["video"]["audio"]
+        assert frames.shape == (int(VIDEO_SECONDS * VIDEO_FPS), 56, 56, 3) and len(track) == VIDEO_SECONDS * rate
+        t = _loud_middle(track, rate)
+        assert _colour_at(frames, VIDEO_FPS, t) == c["answer"], seed
+        seconds.add(int(t))
+        colours = [_colour_at(frames, VIDEO_FPS, s) for s in range(VIDEO_SECONDS)]
+        modal += c["answer"] == max(colours, key=colours.count)
+    assert seconds == set(range(VIDEO_SECONDS)) and modal < 70
+
+
+def test_fresh_clips_replace_video_items_in_a_batch(data_copy):
+    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
+    ex = load_examples("train", data_copy)
+    d = ThinkerData(ex, Processor(CFG, tok), tok, data_copy)
+    idx = list(range(len(ex)))
+    x0, l0 = d.batch(idx)
+    x1, l1 = d.batch(idx, redraw_seed=3, redraw=frozenset(["video_cue_colour"]))
+    (v,) = [i for i, e in enumerate(ex) if e["task"] == "video_cue_colour"]
+    assert tok.decode(x1.input_ids[v][l1[v] != -100]) == d.fresh("video_cue_colour", 3 * 1_000_003 + v)["answer"] \
+        + "<|im_end|>"
+    assert not torch.equal(x0.pixel_values_videos, x1.pixel_values_videos)
+    assert not torch.equal(x0.audio_features, x1.audio_features)         # a new track: the word moved
+    for i, e in enumerate(ex):
+        if i != v:
+            assert torch.equal(x0.input_ids[i], x1.input_ids[i]), e["task"]
+
+
+def test_clips_without_a_readable_cue_are_named(data_copy):
+    from nano_omni.data import cue_words
+
+    (clip,) = load_examples("train", data_copy, tasks={"video_cue_colour"})
+    with pytest.raises(ValueError, match=rf"clip {clip['id']}: its cue has no 'end'"):
+        cue_words([{**clip, "cue": {"start": 0.5}}], data_copy)
+    with pytest.raises(ValueError, match=rf"clip {clip['id']}: cue 3.9-4.5 s lies outside its 4.00-s track"):
+        cue_words([{**clip, "cue": {"start": 3.9, "end": 4.5}}], data_copy)
+    (data_copy / clip["video"]["audio"]).write_bytes(b"not a flac")
+    with pytest.raises(ValueError, match=r"train-\d+\.flac: cannot read the clip's sound"):
+        cue_words([clip], data_copy)
+    tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
+    no_clips = ThinkerData(load_examples("train", data_copy, tasks={"text_add"}), Processor(CFG, tok), tok, data_copy)
+    with pytest.raises(ValueError, match="task 'video_cue_colour' has no fresh items here.*video_cue_colour given clips"):
+        no_clips.fresh("video_cue_colour", 0)

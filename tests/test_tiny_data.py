@@ -13,7 +13,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from nano_omni.toy import IMAGE_SIZE
+from nano_omni.toy import CUE_MARGIN, IMAGE_SIZE, VIDEO_SECONDS, VIDEO_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
 _spec = importlib.util.spec_from_file_location("make_data", ROOT / "make_data.py")
@@ -85,7 +85,7 @@ def test_every_file_exists_loads_and_belongs_to_one_split(data):
                 im.load()
         elif p.endswith(".npz"):
             frames = np.load(path)["frames"]
-            assert frames.dtype == np.uint8 and frames.shape == (8, gen.VIDEO_SIZE, gen.VIDEO_SIZE, 3), p
+            assert frames.dtype == np.uint8 and frames.shape == (8, VIDEO_SIZE, VIDEO_SIZE, 3), p
         else:
             raise AssertionError(f"unexpected media file {p}")
     # nothing generated lies around unreferenced (a stale file from an older run would be shipped for nothing)
@@ -146,7 +146,7 @@ def test_video_cue_answer_recomputed_from_frames_and_track(data):
             # the answer is the colour on screen at the cue's midpoint, far from any colour change
             assert shown[int(cue["mid"] * v["fps"])] == ex["answer"], ex["id"]
             changes = [b["start"] for a, b in zip(sched, sched[1:]) if a["colour"] != b["colour"]]
-            assert all(abs(cue["mid"] - c) >= gen.CUE_MARGIN - 1e-9 for c in changes), ex["id"]
+            assert all(abs(cue["mid"] - c) >= CUE_MARGIN - 1e-9 for c in changes), ex["id"]
             assert int(cue["start"]) == int(cue["mid"]) and cue["end"] <= int(cue["mid"]) + 1, ex["id"]
             # the sound is where the metadata says: silence outside the padded word, speech inside
             wav, sr = sf.read(str(ROOT / v["audio"]), dtype="int16")
@@ -155,7 +155,7 @@ def test_video_cue_answer_recomputed_from_frames_and_track(data):
             assert not wav[: max(lo, 0)].any() and not wav[hi:].any(), ex["id"]
             assert np.abs(wav[int(cue["start"] * sr): int(cue["end"] * sr)]).max() > 1000, ex["id"]
         # the cue falls in every second of the clip, so the position of the word carries the answer
-        assert {int(e["cue"]["mid"]) for e in clips} == set(range(gen.VIDEO_SECONDS))
+        assert {int(e["cue"]["mid"]) for e in clips} == set(range(VIDEO_SECONDS))
 
 
 def test_text_answers_are_right_and_test_questions_are_new(data):

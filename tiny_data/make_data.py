@@ -37,10 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
-from PIL import Image, ImageDraw
 
-from nano_omni.toy import (COLOURS, DIGITS, NUMBERS, PICTURE_QUESTIONS, SHAPES, TEXT_QUESTIONS, draw_picture,
-                           draw_shape, picture_answer, place)
+from nano_omni.toy import (COLOURS, CUE_WORD, DIGITS, NUMBERS, PAD_S, PICTURE_QUESTIONS, SHAPES, TEXT_QUESTIONS,
+                           VIDEO_FPS, VIDEO_QUESTION, VIDEO_SECONDS, clip_scene, cue_track, draw_picture,
+                           picture_answer, render_clip)
 
 SR = 16000
 VOICES = ("slt", "rms", "awb", "kal16")
@@ -48,8 +48,6 @@ VOICES = ("slt", "rms", "awb", "kal16")
 F0_BASE = {"slt": 170.0, "awb": 131.0, "kal16": 97.0}
 PHRASES = ("hello there", "good morning", "good night", "thank you", "see you later", "how are you",
            "yes please", "no thanks")
-CUE_WORD = "now"
-PAD_S = 0.05             # silence kept before and after each trimmed utterance
 PEAK = 0.8               # every utterance is scaled to this peak so the four voices are equally loud
 
 # Per voice: how many utterances of each kind go to each split.
@@ -59,13 +57,11 @@ N_HELD_OUT_PAIRS = 5     # "<colour> <shape>" pairs heard only in test
 N_IMAGES = {"train": 400, "test": 60}
 N_VIDEOS = {"train": 400, "test": 60}
 N_TEXT = {"train": 400, "test": 60}
-VIDEO_SIZE, VIDEO_FPS, VIDEO_SECONDS = 56, 2.0, 4
-CUE_MARGIN = 0.3         # seconds between the cue's midpoint and any colour change
 
 QUESTIONS = {
     "asr": "what does the voice say?",
     **PICTURE_QUESTIONS,
-    "video_cue_colour": f"what colour was the shape when the voice said {CUE_WORD}?",
+    "video_cue_colour": VIDEO_QUESTION,
 }
 ADD_TEMPLATES = ("what is {a} plus {b}?", "add {a} and {b}.", "{a} and {b} make what?")
 
@@ -209,56 +205,31 @@ def save_npz(path: Path, **arrays) -> None:
             z.writestr(info, buf.getvalue())
 
 
-def colour_schedule(rng: np.random.Generator) -> list[str]:
-    """One colour per second; at least three different colours, so the frames alone never give the answer."""
-    names = list(COLOURS)
-    while True:
-        seq = [names[i] for i in rng.integers(len(names), size=VIDEO_SECONDS)]
-        if len(set(seq)) >= 3:
-            return seq
-
-
 def make_videos(root: Path, rng: np.random.Generator, tmp: Path) -> dict:
-    """Clips for "what colour was the shape when the voice said now?". The cue's midpoint (the middle of the
-    spoken word, padding excluded) lies in second k, >= CUE_MARGIN from its ends; the answer is second k's colour."""
+    """Clips for "what colour was the shape when the voice said now?" (nano_omni/toy.py draws them: training
+    draws fresh ones the same way). The cue's midpoint (the middle of the spoken word, padding excluded) lies in
+    second k, >= CUE_MARGIN from its ends; the answer is second k's colour."""
     (root / "video").mkdir()
-    n_frames, fps = int(VIDEO_SECONDS * VIDEO_FPS), VIDEO_FPS
-    pad = int(PAD_S * SR)
     out = {}
     for split, n in N_VIDEOS.items():
         out[split] = []
         for i in range(n):
-            shape = SHAPES[rng.integers(len(SHAPES))]
-            r = int(rng.integers(10, 15))
-            (cx, cy), = place(rng, 1, r, VIDEO_SIZE)
-            seq = colour_schedule(rng)
-            frames = np.zeros((n_frames, VIDEO_SIZE, VIDEO_SIZE, 3), np.uint8)        # (T, H, W, 3)
-            for f in range(n_frames):
-                im = Image.new("RGB", (VIDEO_SIZE, VIDEO_SIZE), (0, 0, 0))
-                draw_shape(ImageDraw.Draw(im), shape, cx, cy, r, COLOURS[seq[int(f / fps)]])
-                frames[f] = np.asarray(im)
+            scene = clip_scene(rng)
             voice = VOICES[rng.integers(len(VOICES))]
             stretch, f0 = prosody(rng, voice)
-            word = synth(CUE_WORD, voice, stretch, f0, tmp)
-            k = int(rng.integers(VIDEO_SECONDS))
-            mid = round(float(k + rng.uniform(CUE_MARGIN, 1 - CUE_MARGIN)), 3)
-            spoken = (len(word) - 2 * pad) / SR                                      # the word without padding
-            start = int(round((mid - spoken / 2) * SR)) - pad                        # where the padded word begins
-            if mid - spoken / 2 < k or mid + spoken / 2 > k + 1:      # the whole word stays inside one colour
-                raise RuntimeError(f"the cue word ({spoken:.2f} s) around {mid} s leaves second {k}; widen CUE_MARGIN")
-            track = np.zeros(VIDEO_SECONDS * SR, np.int16)
-            lo, hi = max(start, 0), min(start + len(word), len(track))              # the padding may be cut at the ends
-            track[lo:hi] = word[lo - start: hi - start]
+            track, cue = cue_track(rng, synth(CUE_WORD, voice, stretch, f0, tmp), SR, int(PAD_S * SR))
             stem = f"video/{split}-{i:04d}"
-            save_npz(root / f"{stem}.npz", frames=frames)
+            save_npz(root / f"{stem}.npz", frames=render_clip(scene))
             write_flac(root / f"{stem}.flac", track)
             out[split].append({
-                "task": "video_cue_colour", "question": QUESTIONS["video_cue_colour"], "answer": seq[k],
-                "video": {"frames": f"{stem}.npz", "fps": fps, "audio": f"{stem}.flac"},
-                "shape": shape, "position": [cx, cy], "radius": r,
-                "schedule": [{"start": float(s), "end": float(s + 1), "colour": c} for s, c in enumerate(seq)],
-                "cue": {"word": CUE_WORD, "speaker": voice, "start": round(mid - spoken / 2, 3),
-                        "end": round(mid + spoken / 2, 3), "mid": mid}})
+                "task": "video_cue_colour", "question": QUESTIONS["video_cue_colour"],
+                "answer": scene["schedule"][cue["second"]],
+                "video": {"frames": f"{stem}.npz", "fps": VIDEO_FPS, "audio": f"{stem}.flac"},
+                "shape": scene["shape"], "position": scene["position"], "radius": scene["radius"],
+                "schedule": [{"start": float(s), "end": float(s + 1), "colour": c}
+                             for s, c in enumerate(scene["schedule"])],
+                "cue": {"word": CUE_WORD, "speaker": voice, "start": cue["start"], "end": cue["end"],
+                        "mid": cue["mid"]}})
     return out
 
 
