@@ -87,6 +87,7 @@ class TrainConfig:
     frozen_vision: bool = True     # stages 2 and 3: the vision encoder keeps the weights stage 1 gave it (trained
                                    # on, stage 2's first steps undo what the readout taught: docs/experiments.md,
                                    # "Encoders that learn before they meet the LLM")
+    s2_audio_lr: float = 0.0       # stage 2: the audio encoder's own rate (0: lr, as the rest of the Thinker)
     s2_steps: int = 7950           # 318 rounds of task_turns' 25 steps (was 7,000 in 11-step rounds: video 636 steps)
     s2_ctc: float = 0.3            # stage 2 (with task_batches): weight of stage 1's CTC speech readout on the asr
                                    # batches' audio, beside the Thinker's loss (0: off); held-out asr 85.9 -> 97.8 %,
@@ -290,7 +291,7 @@ class Run:
         save_run_checkpoint(self.dir, self.model, self.cfg.to_dict(), files, stage_state)
 
     def loop(self, stage: int, name: str, params, steps: int, lr: float, loss_fn, module: nn.Module,
-             begin=None, plain: bool = False) -> dict:
+             begin=None, plain: bool = False, lr_scales: dict[str, float] | None = None) -> dict:
         """The training loop every stage shares: AdamW, warm-up + cosine, clipping, logs, resumable checkpoints
         (plain: warm-up then a constant lr, no clipping).
 
@@ -301,7 +302,8 @@ class Run:
         before the run was killed) is skipped on --resume.
         begin(): called once before the first step when the stage's part holds its initial weights (a new run, or
         --reinit; not a resumed stage, nor a finished stage trained further), on the part's plain weights (before
-        DDP or FSDP wraps it)."""
+        DDP or FSDP wraps it).
+        lr_scales: {parameter-name prefix in `module`: factor on lr} for parameters that learn at another rate."""
         fsdp = self.args.fsdp and stage != 1
         if self.args.resume and name in self.parts:      # a part that finished before the run was killed
             return json.loads((self.dir / "logs" / f"{stage}_{name}.json").read_text())
@@ -314,10 +316,16 @@ class Run:
         elif self.world > 1:
             wrapped = nn.parallel.DistributedDataParallel(module, find_unused_parameters=True)
         params = [p for p in (module.parameters() if fsdp else params) if p.requires_grad]
+        scale_of = {id(p): f for n, p in module.named_parameters() for pre, f in (lr_scales or {}).items()
+                    if n.startswith(pre)}
+        groups: dict[float, list] = {}
+        for p in params:                            # without lr_scales: one group, the parameters in their order
+            groups.setdefault(scale_of.get(id(p), 1.0), []).append(p)
         # foreach: one call per update op over all tensors (PyTorch's default on a CPU is a Python loop per tensor):
         # the same arithmetic, so the same weights bit for bit, with less Python per step. Not with FSDP: sharded
         # and plain tensors mixed
-        opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01, foreach=not fsdp)
+        opt = torch.optim.AdamW([{"params": ps, "lr_scale": f} for f, ps in groups.items()], lr=lr,
+                                betas=(0.9, 0.98), weight_decay=0.01, foreach=not fsdp)
         start = load_stage_state(self.dir, name, opt)["step"] if resumed else 0
         log = StageLog(self.dir, f"{stage}_{name}", resume_step=start)
         task_of = getattr(loss_fn, "task_of", None)      # step -> its batch's task, where a batch holds one task
@@ -327,7 +335,7 @@ class Run:
             warm = min(self.t.warmup, max(1, steps // 10))
             lr_t = lr * min(1.0, (step + 1) / warm) if plain else cosine_lr(step, steps, lr, warm)
             for g in opt.param_groups:
-                g["lr"] = lr_t
+                g["lr"] = lr_t * g.get("lr_scale", 1.0)      # a stage state saved before the key existed
             with autocast(self.device):
                 term, value = loss_fn(step, wrapped)
             opt.zero_grad(set_to_none=True)
@@ -608,7 +616,9 @@ def stage_thinker(run: Run, stage: int) -> dict:
     asr = [e for e in ex if e["task"] == "asr"] if stage == 2 else []
     loss = thinker_loss(run, data, bs, seq, redraw=redraw, by_task=stage == 2 and t.task_batches,
                         ctc_rows=[run.cfg.tokens.pad, *transcript_tokens(run.tok, asr)] if asr else None)
-    return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr if stage == 2 else t.s3_lr, loss, th)
+    scales = {"audio_tower.": t.s2_audio_lr / t.lr} if stage == 2 and t.s2_audio_lr else None
+    return run.loop(stage, STAGES[stage], th.parameters(), steps, t.lr if stage == 2 else t.s3_lr, loss, th,
+                    lr_scales=scales)
 
 
 # ----------------------------------------------------------------------------------------------------------------

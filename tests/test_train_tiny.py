@@ -928,3 +928,22 @@ def test_stages_two_and_three_keep_the_vision_encoder_stage_one_taught(tmp_path,
     train_tiny.main(QUICK + ["--out", str(tmp_path / "alone"), "--stage", "2"])
     alone = thinker(tmp_path / "alone")
     assert any(not torch.equal(first[0][k], alone[k]) for k in first[0])
+
+
+def test_the_audio_encoder_can_learn_at_its_own_rate_in_stage_2(tmp_path):
+    """--train.s2_audio_lr gives the audio encoder its own rate in stage 2: at a rate of ~0 it keeps its initial
+    weights while the rest of the Thinker learns at lr; unset (0), it learns at lr as before."""
+    def thinker(name, *extra):
+        train_tiny.main(QUICK + ["--stage", "2", "--train.s2_steps=3", "--out", str(tmp_path / name), *extra])
+        sd = load_model(tmp_path / name / "checkpoint", dtype=torch.float32)[0].thinker.state_dict()
+        return ({k: v for k, v in sd.items() if k.startswith("audio_tower.")},
+                {k: v for k, v in sd.items() if not k.startswith(("audio_tower.", "visual."))})
+
+    still_audio, still_rest = thinker("still", "--train.lr=1e-12", "--train.s2_audio_lr=1e-12")
+    slow_audio, slow_rest = thinker("slow_audio", "--train.s2_audio_lr=1e-12")
+    plain_audio, _ = thinker("plain")
+    assert slow_audio and slow_audio.keys() == still_audio.keys()
+    for k in still_audio:                                     # the initial weights, all but untouched
+        torch.testing.assert_close(slow_audio[k], still_audio[k], rtol=0, atol=1e-6, msg=k)
+    assert any((slow_rest[k] - still_rest[k]).abs().max() > 1e-4 for k in still_rest)     # the LLM learnt
+    assert any((plain_audio[k] - still_audio[k]).abs().max() > 1e-4 for k in still_audio)  # and by default so
