@@ -1,12 +1,14 @@
-"""The toy world of tiny_data/: its words and its pictures, shared by the generator script and by training.
+"""The toy world of tiny_data/: its words, pictures and clips, shared by the generator script and by training.
 
-tiny_data/make_data.py draws the committed pictures with `draw_picture` and writes the copying and counting
-questions with `copy_question` / `count_question`; training (train_tiny.py, stage 2) can make fresh ones with
-the same functions at every step (`--train.fresh_pictures`, on by default; `--train.fresh_text`, opt-in). A model of this size
-memorises 400 pictures or 400 questions long before it learns what a star looks like or how to count; an endless
-supply of new items of the same kind is what makes it learn the task. The held-out test items are never
-regenerated: they are other draws from the same distribution, exactly as the committed train items are, and a
-fresh question that happens to equal a held-out one is drawn again.
+tiny_data/make_data.py draws the committed pictures with `draw_picture`, the clips with `clip_scene`,
+`render_clip` and `cue_track`, and writes the copying and counting questions with `copy_question` /
+`count_question`; training (train_tiny.py, stage 2) can make fresh ones with the same functions at every step
+(`--train.fresh_pictures`, `--train.fresh_text` and `--train.fresh_video`, all on by default; a fresh clip's cue
+word is cut from the training clips' own tracks: data.fresh_clip). A model of this size memorises 400 pictures, clips or
+questions long before it learns what a star looks like, how to count or when a word was said; an endless supply
+of new items of the same kind is what makes it learn the task. The held-out test items are never regenerated:
+they are other draws from the same distribution, exactly as the committed train items are, and a fresh question
+that happens to equal a held-out one is drawn again.
 """
 from __future__ import annotations
 
