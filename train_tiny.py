@@ -178,7 +178,9 @@ class TrainConfig:
 
 QUICK = dict(batch_size=8, warmup=2, s1_proj_steps=2, s1_enc_steps=2, s1_vis_steps=2, s1_audio_steps=2, s2_steps=4,
              s3_steps=2, s4_steps=3, s4_batch_size=4, s4_fresh=3, s5_steps=2, s5_texts=8, s5_samples=2, s6_steps=3,
-             s6_batch_size=4, s6_frames=96, s7_steps=3, s7_batch_size=2, s7_frames=16, ckpt_every=2, subset=6)
+             s6_batch_size=4, s6_frames=96, s7_steps=3, s7_batch_size=2, s7_frames=16, ckpt_every=2, subset=6,
+             s5_length_ties=True)   # a 3-step Talker's samples are all heard wrong: ranked by length, they give
+                                    # pairs (7-8 of 8 texts, seeds 0-2; by error rate alone 0 or 1: the DPO skipped)
 
 
 N_CODES = 1024   # the trained tiny model's codebook (codec.py); was 256: docs/experiments.md, "Where the speech
