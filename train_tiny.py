@@ -97,8 +97,9 @@ class TrainConfig:
                                    # another seed 73.9 -> 88.0 % (docs/experiments.md, "Joint CTC in stage 2")
     s3_steps: int = 120
     s3_items: int = 3              # examples per conversation in stage 3
-    s3_lr: float = 2e-4            # a fifth of stage 2's (a tenth of its old 2e-3): at stage 2's own rate these 120 steps undid most of what
-                                   # stage 2 taught (held-out asr 43.5 % -> 8.7 %, video 90 -> 68 %)
+    s3_lr: float = 2e-4            # a fifth of stage 2's (a tenth of its old 2e-3): at stage 2's own rate these 120
+                                   # steps undid most of what stage 2 taught (held-out asr 43.5 % -> 8.7 %, video
+                                   # 90 -> 68 %)
     s4_steps: int = 3000           # was 2,000: generated speech, mean WER over voices and sampling seeds 0-5, 9.9 ->
                                    # 8.3 % (docs/experiments.md, "A longer Talker"); 1,800 with budgets trimmed
     s4_batch_size: int = 16

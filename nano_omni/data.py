@@ -23,8 +23,8 @@ import torch
 
 from .audio_io import SAMPLE_RATE, load_audio
 from .processor import OmniInputs, Processor
-from .toy import (PAD_S, PICTURE_QUESTIONS, TEXT_QUESTIONS, VIDEO_FPS, VIDEO_QUESTION, clip_scene, cue_track, draw_picture,
-                  picture_answer, render_clip)
+from .toy import (PAD_S, PICTURE_QUESTIONS, TEXT_QUESTIONS, VIDEO_FPS, VIDEO_QUESTION, clip_scene, cue_track,
+                  draw_picture, picture_answer, render_clip)
 
 ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
 TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour", "text_add", "text_copy",
@@ -185,8 +185,8 @@ class ThinkerData:
         masked SpecAugment-style; with redraw_seed, every single-turn item of a task in `redraw` (picture tasks,
         text_copy / text_count, video_cue_colour) is replaced by a fresh one of the same task: a newly drawn
         picture or clip or a new question, with its answer; for asr every other item (by seed) is, with a spliced
-        utterance. Training
-        only; both depend only on (seed, item), so they do not change with how a batch is split over processes."""
+        utterance. Training only; both depend only on (seed, item), so they do not change with how a batch is split
+        over processes."""
         items = [self.items[i] for i in idx]
         if redraw_seed is not None:
             items = [self.example(self.fresh(it.task, redraw_seed * 1_000_003 + i), positions=False)

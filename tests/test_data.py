@@ -382,5 +382,5 @@ def test_clips_without_a_readable_cue_are_named(data_copy):
         cue_words([clip], data_copy)
     tok = ByteTokenizer(CFG.tokens, CFG.thinker.vocab_size)
     no_clips = ThinkerData(load_examples("train", data_copy, tasks={"text_add"}), Processor(CFG, tok), tok, data_copy)
-    with pytest.raises(ValueError, match="task 'video_cue_colour' has no fresh items here.*video_cue_colour given clips"):
+    with pytest.raises(ValueError, match="'video_cue_colour' has no fresh items here.*video_cue_colour given clips"):
         no_clips.fresh("video_cue_colour", 0)
