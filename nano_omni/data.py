@@ -24,7 +24,7 @@ import torch
 from .audio_io import SAMPLE_RATE, load_audio
 from .processor import OmniInputs, Processor
 from .toy import (PAD_S, PICTURE_QUESTIONS, TEXT_QUESTIONS, VIDEO_FPS, VIDEO_QUESTION, clip_scene, cue_track,
-                  draw_picture, picture_answer, render_clip)
+                  draw_picture, picture_answer, render_clip, window)
 
 ROOT = Path(__file__).resolve().parent.parent / "tiny_data"
 TASKS = ("asr", "image_shape", "image_colour", "image_count", "video_cue_colour", "text_add", "text_copy",
@@ -268,7 +268,7 @@ def cue_words(clips: list[dict], root: str | Path = ROOT) -> list[np.ndarray]:
         lo, hi = round((start - PAD_S) * rate), round((end + PAD_S) * rate)
         if not 0 <= start < end <= len(wav) / rate:
             raise ValueError(f"clip {ex['id']}: cue {start}-{end} s lies outside its {len(wav) / rate:.2f}-s track")
-        words.append(np.pad(wav[max(lo, 0): hi], (max(-lo, 0), max(hi - len(wav), 0))))   # zeros past the ends
+        words.append(window(wav, lo, hi))
     return words
 
 

@@ -4,11 +4,11 @@ tiny_data/make_data.py draws the committed pictures with `draw_picture`, the cli
 `render_clip` and `cue_track`, and writes the copying and counting questions with `copy_question` /
 `count_question`; training (train_tiny.py, stage 2) can make fresh ones with the same functions at every step
 (`--train.fresh_pictures`, `--train.fresh_text` and `--train.fresh_video`, all on by default; a fresh clip's cue
-word is cut from the training clips' own tracks: data.fresh_clip). A model of this size memorises 400 pictures, clips or
-questions long before it learns what a star looks like, how to count or when a word was said; an endless supply
-of new items of the same kind is what makes it learn the task. The held-out test items are never regenerated:
-they are other draws from the same distribution, exactly as the committed train items are, and a fresh question
-that happens to equal a held-out one is drawn again.
+word is cut from the training clips' own tracks: data.fresh_clip). A model of this size memorises 400 pictures,
+clips or questions long before it learns what a star looks like, how to count or when a word was said; an
+endless supply of new items of the same kind is what makes it learn the task. The held-out test items are never
+regenerated: they are other draws from the same distribution, exactly as the committed train items are, and a
+fresh question that happens to equal a held-out one is drawn again.
 """
 from __future__ import annotations
 
@@ -115,6 +115,11 @@ def render_clip(scene: dict) -> np.ndarray:
                    COLOURS[scene["schedule"][int(f / VIDEO_FPS)]])
         frames[f] = np.asarray(im)
     return frames
+
+
+def window(wav: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Samples lo..hi of `wav`, zeros where the window reaches past either end."""
+    return np.pad(wav[max(lo, 0): hi], (max(-lo, 0), max(hi - len(wav), 0)))
 
 
 def cue_track(rng: np.random.Generator, word: np.ndarray, rate: int, pad: int) -> tuple[np.ndarray, dict]:

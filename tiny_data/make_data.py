@@ -40,7 +40,7 @@ import soundfile as sf
 
 from nano_omni.toy import (COLOURS, CUE_WORD, DIGITS, NUMBERS, PAD_S, PICTURE_QUESTIONS, SHAPES, TEXT_QUESTIONS,
                            VIDEO_FPS, VIDEO_QUESTION, VIDEO_SECONDS, clip_scene, cue_track, draw_picture,
-                           picture_answer, render_clip)
+                           picture_answer, render_clip, window)
 
 SR = 16000
 VOICES = ("slt", "rms", "awb", "kal16")
@@ -90,7 +90,7 @@ def trim(wav: np.ndarray) -> np.ndarray:
     rms = np.sqrt((wav[: n * hop].reshape(n, hop) ** 2).mean(axis=1))   # (frames,)
     active = np.nonzero(rms > rms.max() * 0.01)[0]
     lo, hi = active[0] * hop - pad, (active[-1] + 1) * hop + pad
-    return np.pad(wav[max(lo, 0): hi], (max(-lo, 0), max(hi - len(wav), 0)))
+    return window(wav, lo, hi)
 
 
 def synth(text: str, voice: str, stretch: float, f0: float | None, tmp: Path) -> np.ndarray:
