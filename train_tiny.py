@@ -43,8 +43,8 @@ from nano_omni.bpe import QwenBPE
 from nano_omni.checkpoint import CheckpointError
 from nano_omni.codec import SpeechCodec
 from nano_omni.config import OmniConfig, get_config, parse_override
-from nano_omni.data import (IMAGE_PIXELS, SPLICED_SLOTS, SYSTEM, VIDEO_PIXELS, SpeechPieces, ThinkerData,
-                            load_examples, load_speech, toy_tokenizer)
+from nano_omni.data import (IMAGE_PIXELS, SYSTEM, VIDEO_PIXELS, SpeechPieces, ThinkerData, load_examples,
+                            load_speech, toy_tokenizer)
 from nano_omni.dit import flow_matching_loss
 from nano_omni.mel import mel_loss, multi_resolution_stft_loss
 from nano_omni.omni import Omni, Voice, save_voices
@@ -143,7 +143,6 @@ class TrainConfig:
                                    # clips were memorised without it (training clips 96.5 %, held-out 53.3 %)
     fresh_speech: bool = True      # stage 2: every other asr item a spliced utterance, a word sequence no recording
                                    # says (data.SpeechPieces; never a held-out transcript)
-    s2_spliced: float = 0.5        # stage 2 with fresh_speech: the share of asr items spliced (0, 0.25 ... 1)
     s4_fresh: int = 12             # stage 4: items of each batch of 16 spliced anew from the recordings' codes
                                    # (CodeSplicer), the other 4 recordings; the Talker's generated speech, mean WER
                                    # over seeds 0-2: 32.2 % with the fixed pool below, 23.6 % fresh
@@ -506,7 +505,7 @@ def thinker_loss(run: Run, data: ThinkerData, batch_size: int, sequential: bool,
             idx = local_share(step_indices(len(data), batch_size, step, run.t.seed))
         seed = run.t.seed * 7919 + step
         x, labels = data.batch(idx, augment_seed=seed if run.t.spec_augment else None,
-                               redraw_seed=seed if redraw else None, redraw=redraw, spliced=run.t.s2_spliced)
+                               redraw_seed=seed if redraw else None, redraw=redraw)
         x = x.to(run.device)
         if sequential:   # the lesson's baseline: every token one position after the last, media or not
             x.positions, _ = text_positions(x.attention_mask)
@@ -1116,9 +1115,6 @@ def main(argv=None):
     if not 0 <= tcfg.s4_words <= 1:
         raise SystemExit(f"--train.s4_words ({tcfg.s4_words}) must lie between 0 and 1: it is the share of the "
                          f"Talker's fresh texts spliced word by word")
-    if tcfg.s2_spliced not in SPLICED_SLOTS:
-        raise SystemExit(f"--train.s2_spliced ({tcfg.s2_spliced}) must be one of {sorted(SPLICED_SLOTS)}: the share "
-                         f"of stage 2's asr items spliced anew, in quarters")
     if tcfg.s5_samples < 2 or tcfg.s5_texts < 1:
         raise SystemExit(f"--train.s5_samples ({tcfg.s5_samples}) must be at least 2 and --train.s5_texts "
                          f"({tcfg.s5_texts}) at least 1: stage 5 prefers one sample of a text over another")

@@ -145,10 +145,6 @@ def multi_turn(examples: list[dict], root: str | Path = ROOT) -> tuple[list[dict
     return msgs, aiv
 
 
-# which (seed + item) % 4 an asr item is spliced anew at, per share; 0.5 is every odd one (the recipe's first rule)
-SPLICED_SLOTS = {0.0: (), 0.25: (1,), 0.5: (1, 3), 0.75: (1, 2, 3), 1.0: (0, 1, 2, 3)}
-
-
 class ThinkerData:
     """Processed conversations, cached once, and labelled batches. Labels are -100 except on the answers and
     their <|im_end|>: the Thinker learns to write answers, not to predict questions.
@@ -184,23 +180,18 @@ class ThinkerData:
         return len(self.items)
 
     def batch(self, idx: list[int], augment_seed: int | None = None, redraw_seed: int | None = None,
-              redraw: frozenset[str] = frozenset(PICTURE_QUESTIONS),
-              spliced: float = 0.5) -> tuple[OmniInputs, torch.Tensor]:
+              redraw: frozenset[str] = frozenset(PICTURE_QUESTIONS)) -> tuple[OmniInputs, torch.Tensor]:
         """(inputs, labels (B, T)) for the items `idx`, right-padded. With augment_seed, the audio features are
         masked SpecAugment-style; with redraw_seed, every single-turn item of a task in `redraw` (picture tasks,
         text_copy / text_count, video_cue_colour) is replaced by a fresh one of the same task: a newly drawn
-        picture or clip or a new question, with its answer; for asr the share `spliced` of the items (0, 0.25, 0.5,
-        0.75 or 1; by seed) is, with a spliced utterance. Training only; both depend only on (seed, item), so they do
-        not change with how a batch is split over processes."""
-        if spliced not in SPLICED_SLOTS:
-            raise ValueError(f"spliced must be one of {sorted(SPLICED_SLOTS)} (the share of asr items spliced anew), "
-                             f"got {spliced!r}")
+        picture or clip or a new question, with its answer; for asr every other item (by seed) is, with a spliced
+        utterance. Training only; both depend only on (seed, item), so they do not change with how a batch is split
+        over processes."""
         items = [self.items[i] for i in idx]
         if redraw_seed is not None:
-            slots = SPLICED_SLOTS[spliced]
             items = [self.example(self.fresh(it.task, redraw_seed * 1_000_003 + i), positions=False)
                      if it.task in redraw and len(it.answer_spans) == 1
-                     and (it.task != "asr" or (self.speech.speakers and (redraw_seed + i) % 4 in slots)) else it
+                     and (it.task != "asr" or (self.speech.speakers and (redraw_seed + i) % 2)) else it
                      for i, it in zip(idx, items)]
         x = self.proc.collate([it.inputs for it in items], padding_side="right")
         if augment_seed is not None and x.audio_features is not None:

@@ -271,14 +271,6 @@ def test_spliced_speech_says_new_word_sequences():
     for i in idx:
         answer = tok.decode(x.input_ids[i][labels[i] != -100]).removesuffix("<|im_end|>")
         assert answer == (d.fresh("asr", 3 * 1_000_003 + i)["answer"] if (3 + i) % 2 else slt[i]["answer"])
-    # other shares (--train.s2_spliced): that many of the items in every four, none, all; anything else refused
-    for share, n in ((0.0, 0), (0.75, 6), (1.0, 8)):
-        x, labels = d.batch(idx, redraw_seed=3, redraw=frozenset({"asr"}), spliced=share)
-        said = [tok.decode(x.input_ids[i][labels[i] != -100]).removesuffix("<|im_end|>") for i in idx]
-        fresh = [i for i in idx if said[i] == d.fresh("asr", 3 * 1_000_003 + i)["answer"]]
-        assert len(fresh) == n and all(said[i] == slt[i]["answer"] for i in idx if i not in fresh)
-    with pytest.raises(ValueError, match="spliced must be one of"):
-        d.batch(idx, redraw_seed=3, redraw=frozenset({"asr"}), spliced=0.6)
 
 
 def test_toy_tokenizer_makes_every_word_one_token():
