@@ -133,9 +133,23 @@ def put_weight(module: nn.Module, key: str, value: torch.Tensor, stacks: dict, c
 # ----------------------------------------------------------------------------------------------------------------
 # Our own checkpoints: a directory with model.safetensors + config.json (+ anything else, e.g. a training log).
 # ----------------------------------------------------------------------------------------------------------------
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename inside `directory` durable: a rename lives in the folder's entries, which a crash can lose
+    until the folder itself is synced. Skipped where folders cannot be opened (Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write via a temporary file in the same directory and rename it over the target: readers see the old
-    file or the new one, never half of one."""
+    file or the new one, never half of one, and after a crash the disk holds one of them too (the file is synced
+    before the rename, the folder after it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -148,6 +162,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        fsync_dir(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .checkpoint import atomic_write_bytes
+from .checkpoint import atomic_write_bytes, fsync_dir
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -145,6 +145,7 @@ def _swap_in(new: Path, final: Path) -> None:
             shutil.rmtree(old)
         os.replace(final, old)
     os.replace(new, final)
+    fsync_dir(final.parent)
     if old.exists():
         shutil.rmtree(old)
 

@@ -157,3 +157,26 @@ def test_atomic_write_replaces_whole_and_keeps_the_usual_mode(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
+    """A rename is durable only once the folder holding it is synced: atomic_write_bytes syncs the new file's data
+    before the rename and the folder after it (so a crash leaves the old file or the new one on disk)."""
+    import os
+    import stat
+
+    from nano_omni.checkpoint import atomic_write_bytes
+    synced, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append("folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    def replace(a, b):
+        synced.append("rename")
+        real_replace(a, b)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_bytes(tmp_path / "out.bin", b"data")
+    assert synced == ["file", "rename", "folder"]
