@@ -949,3 +949,17 @@ def test_the_audio_encoder_can_learn_at_its_own_rate_in_stage_2(tmp_path):
         torch.testing.assert_close(slow_audio[k], still_audio[k], rtol=0, atol=1e-6, msg=k)
     assert any((slow_rest[k] - still_rest[k]).abs().max() > 1e-4 for k in still_rest)     # the LLM learnt
     assert any((plain_audio[k] - still_audio[k]).abs().max() > 1e-4 for k in still_audio)  # and by default so
+
+
+def test_weight_decay_is_an_override(tmp_path, monkeypatch):
+    """--train.weight_decay reaches AdamW in every stage that runs (0.01 unless given)."""
+    seen = []
+
+    class Spy(torch.optim.AdamW):
+        def __init__(self, *args, **kw):
+            seen.append(kw["weight_decay"])
+            super().__init__(*args, **kw)
+    monkeypatch.setattr(torch.optim, "AdamW", Spy)
+    train_tiny.main(QUICK + ["--stage", "2", "--stage", "3", "--out", str(tmp_path / "wd"), "--train.weight_decay=0.3"])
+    train_tiny.main(QUICK + ["--stage", "3", "--out", str(tmp_path / "plain")])
+    assert seen == [0.3, 0.3, 0.01]
