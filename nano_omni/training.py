@@ -150,6 +150,15 @@ def _swap_in(new: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
+def _copy_synced(src, dst) -> None:
+    """shutil.copy2, then the copy and its folder entry on disk: the checkpoint it comes from is deleted once the
+    new one is swapped in, so a copy still in the page cache would be all a crash leaves."""
+    shutil.copy2(src, dst)
+    with open(dst, "rb") as f:
+        os.fsync(f.fileno())
+    fsync_dir(Path(dst).parent)
+
+
 def checkpoint_dir(run: Path) -> Path:
     """The run's checkpoint, or the one a kill during a swap left behind."""
     ck, old = run / "checkpoint", run / "checkpoint.old"
@@ -178,7 +187,10 @@ def save_run_checkpoint(run: Path, model: torch.nn.Module, config: dict, extra_f
         for f in prev.iterdir():
             if f.name in ("model.safetensors", "config.json") or f.name in (extra_files or {}):
                 continue
-            (shutil.copytree if f.is_dir() else shutil.copy2)(f, tmp / f.name)
+            if f.is_dir():
+                shutil.copytree(f, tmp / f.name, copy_function=_copy_synced)
+            else:
+                _copy_synced(f, tmp / f.name)
     atomic_write_bytes(tmp / "model.safetensors", save(_dedupe(sd)))
     atomic_write_bytes(tmp / "config.json", json.dumps(config, indent=2).encode())
     for name, data in (extra_files or {}).items():

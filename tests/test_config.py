@@ -180,3 +180,25 @@ def test_atomic_write_syncs_the_file_then_its_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", replace)
     atomic_write_bytes(tmp_path / "out.bin", b"data")
     assert synced == ["file", "rename", "folder"]
+
+
+def test_a_run_checkpoint_is_on_disk_before_the_old_one_goes(tmp_path, monkeypatch):
+    """save_run_checkpoint carries files of the previous checkpoint over by copying them; every file and folder of
+    the new checkpoint, copies included, is synced before the swap deletes the old one."""
+    import os
+
+    import torch.nn as nn
+
+    from nano_omni.training import save_run_checkpoint
+    save_run_checkpoint(tmp_path, nn.Linear(2, 2), {"a": 1}, {"codec.bin": b"codes", "logs/x.csv": b"1,2"})
+    synced, real_fsync = set(), os.fsync
+
+    def fsync(fd):
+        synced.add(os.fstat(fd).st_ino)
+        real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    save_run_checkpoint(tmp_path, nn.Linear(2, 2), {"a": 2})          # codec.bin and logs/ carried over
+    ck = tmp_path / "checkpoint"
+    assert (ck / "codec.bin").read_bytes() == b"codes" and (ck / "logs" / "x.csv").read_bytes() == b"1,2"
+    on_disk = [ck, *ck.rglob("*")]
+    assert {p.stat().st_ino for p in on_disk} <= synced, [str(p) for p in on_disk if p.stat().st_ino not in synced]
